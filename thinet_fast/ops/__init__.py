@@ -1,0 +1,1 @@
+"""The numeric core: tensors in, tensors out. Knows nothing about modules."""

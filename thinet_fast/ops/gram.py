@@ -1,0 +1,132 @@
+"""Gram-matrix kernels (DESIGN.md §3), each beside its ``*_ref`` twin.
+
+* ``sampled_gram``: G = XᵀX with X[s, c] = Σ_u W[k_s, c, u] z_s[c, u] (paper's sampling).
+* ``patch_moments``: P = Σ_s vec(z_s) vec(z_s)ᵀ and Σ_s z_s.
+* ``gram_from_cov``: G[c, c'] = Σ_{u,v} (WᵀW)[(c,u),(c',v)] · P[(c,u),(c',v)] (all outputs).
+* ``direct_gram``: XᵀX over every (or several sampled) outputs per sample, for large t.
+
+The torch paths gather only the sampled patches and work in bounded chunks; the
+references build the whole im2col with ``F.unfold``. Triton versions live in
+``ops/triton`` with the same signatures.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from .patches import ConsumerGeometry, contributions, gather_patches, gather_patches_ref
+
+__all__ = [
+    "sampled_gram", "sampled_gram_ref", "patch_moments", "patch_moments_ref",
+    "gram_from_cov", "gram_from_cov_ref", "direct_gram", "direct_gram_ref",
+]
+
+_CHUNK_ELEMS = 1 << 24  # bound on the elements one chunk of patches or contributions may hold
+_TRITON_FIRST = ("triton", "torch")
+
+
+def _chunks(n: int, per_item: int):
+    step = max(1, _CHUNK_ELEMS // max(per_item, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def _triton(name: str):
+    from . import triton as tri  # lazy: triton is optional
+    return getattr(tri, name)
+
+
+# ------------------------------------------------------------------ sampled
+def sampled_gram(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k, *,
+                 acc_dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+    """XᵀX for one sampled output channel ``k[s]`` per sample (S,). x is (N, C, H, W)."""
+    name = dispatch.choose(backend, x.device, _TRITON_FIRST, "sampled_gram")
+    if name == "triton" and acc_dtype == torch.float32:
+        return _triton("sampled_gram_triton")(x, kernel, geometry, img, oy, ox, k, acc_dtype=acc_dtype)
+    C, t = x.shape[1], geometry.taps
+    G = torch.zeros(C, C, dtype=acc_dtype, device=x.device)
+    for sl in _chunks(img.numel(), C * t):
+        z = gather_patches(x, geometry, img[sl], oy[sl], ox[sl]).to(acc_dtype)
+        X = contributions(z, kernel, k[sl])
+        G += X.T @ X
+    return G
+
+
+def sampled_gram_ref(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k, *,
+                     acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    z = gather_patches_ref(x.to(acc_dtype), geometry, img, oy, ox)
+    X = contributions(z, kernel.to(acc_dtype), k)
+    return X.T @ X
+
+
+# ------------------------------------------------------------------ patch moments
+def patch_moments(x, geometry: ConsumerGeometry, img, oy, ox, *,
+                  acc_dtype: torch.dtype = torch.float32, backend: str = "auto"):
+    """(P, zsum): P = Σ_s vec(z_s) vec(z_s)ᵀ of shape (C·t, C·t), zsum = Σ_s vec(z_s)."""
+    name = dispatch.choose(backend, x.device, _TRITON_FIRST, "patch_moments")
+    if name == "triton" and acc_dtype == torch.float32:
+        return _triton("patch_moments_triton")(x, geometry, img, oy, ox, acc_dtype=acc_dtype)
+    D = x.shape[1] * geometry.taps
+    P = torch.zeros(D, D, dtype=acc_dtype, device=x.device)
+    zsum = torch.zeros(D, dtype=acc_dtype, device=x.device)
+    for sl in _chunks(img.numel(), D):
+        Z = gather_patches(x, geometry, img[sl], oy[sl], ox[sl]).reshape(-1, D).to(acc_dtype)
+        P += Z.T @ Z
+        zsum += Z.sum(0)
+    return P, zsum
+
+
+def patch_moments_ref(x, geometry: ConsumerGeometry, img, oy, ox, *, acc_dtype: torch.dtype = torch.float32):
+    Z = gather_patches_ref(x.to(acc_dtype), geometry, img, oy, ox).reshape(img.numel(), -1)
+    return Z.T @ Z, Z.sum(0)
+
+
+# ------------------------------------------------------------------ G from P
+def gram_from_cov(kernel, P, *, backend: str = "auto") -> torch.Tensor:
+    """Exact G summed over every output channel, from the patch covariance P."""
+    name = dispatch.choose(backend, P.device, _TRITON_FIRST, "gram_from_cov")
+    if name == "triton" and P.dtype == torch.float32:
+        return _triton("gram_from_cov_triton")(kernel, P)
+    K, C = kernel.shape[0], kernel.shape[1]
+    Wf = kernel.reshape(K, -1).to(P.dtype)
+    t = Wf.shape[1] // C
+    A = Wf.T @ Wf
+    return (A * P).reshape(C, t, C, t).sum(dim=(1, 3))
+
+
+def gram_from_cov_ref(kernel, P) -> torch.Tensor:
+    K, C = kernel.shape[0], kernel.shape[1]
+    W = kernel.reshape(K, C, -1).to(P.dtype)
+    t = W.shape[2]
+    return torch.einsum("kcu,kdv,cudv->cd", W, W, P.reshape(C, t, C, t))
+
+
+# ------------------------------------------------------------------ direct
+def direct_gram(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k=None, *,
+                acc_dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+    """Σ_s Σ_{k in K_s} x̂_{s,k} x̂_{s,k}ᵀ: every output (``k=None``) or the (S, R)
+    sampled outputs ``k`` of each sample. Memory stays O(C²) whatever t is."""
+    dispatch.choose(backend, x.device, ("torch",), "direct_gram")
+    C, t = x.shape[1], geometry.taps
+    W = kernel.reshape(kernel.shape[0], C, t).to(acc_dtype)
+    R = W.shape[0] if k is None else k.shape[1]
+    G = torch.zeros(C, C, dtype=acc_dtype, device=x.device)
+    for sl in _chunks(img.numel(), R * C + C * t):
+        z = gather_patches(x, geometry, img[sl], oy[sl], ox[sl]).to(acc_dtype)
+        if k is None:
+            X = contributions(z, W)  # (S, K, C)
+        else:
+            X = (W[k[sl].to(x.device)] * z[:, None]).sum(-1)  # (S, R, C)
+        X = X.reshape(-1, C)
+        G += X.T @ X
+    return G
+
+
+def direct_gram_ref(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k=None, *,
+                    acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    z = gather_patches_ref(x.to(acc_dtype), geometry, img, oy, ox)
+    X = contributions(z, kernel.to(acc_dtype))  # (S, K, C)
+    if k is not None:
+        X = X[torch.arange(X.shape[0], device=X.device)[:, None], k.to(X.device)]
+    X = X.reshape(-1, X.shape[-1])
+    return X.T @ X

@@ -1,0 +1,130 @@
+"""Consumer geometry and patch sampling (DESIGN.md §2).
+
+A Linear consumer is treated as a convolution whose kernel covers its whole input:
+its (N, C*t) input becomes an (N, C, t, 1) map and its (K, C*t) weight a (K, C, t, 1)
+kernel, so every statistic has one code path. ``t = 1`` is a Linear after global
+pooling, ``t = in_features / C`` a Linear after flatten (channel-major features).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ConsumerGeometry", "sample_locations", "gather_patches", "gather_patches_ref", "contributions"]
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(e) for e in v)
+    if len(v) != 2:
+        raise ValueError(f"expected an int or a pair; got {v}")
+    return v
+
+
+@dataclass(frozen=True)
+class ConsumerGeometry:
+    """How the consumer reads its C input channels."""
+
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    linear: bool = False
+
+    def __post_init__(self):
+        for name in ("kernel_size", "stride", "padding", "dilation"):
+            object.__setattr__(self, name, _pair(getattr(self, name)))
+        if min(self.kernel_size + self.stride + self.dilation) < 1 or min(self.padding) < 0:
+            raise ValueError(f"invalid consumer geometry {self}")
+
+    @classmethod
+    def conv(cls, kernel_size, stride=1, padding=0, dilation=1) -> "ConsumerGeometry":
+        if isinstance(padding, str):
+            raise ValueError("string padding ('same'/'valid') is not supported; give the consumer explicit integer padding")
+        return cls(kernel_size, stride, padding, dilation, linear=False)
+
+    @classmethod
+    def dense(cls, taps: int = 1) -> "ConsumerGeometry":
+        """A Linear consumer with ``taps`` input features per channel."""
+        return cls((int(taps), 1), 1, 0, 1, linear=True)
+
+    @property
+    def taps(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    def as_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The consumer input as an (N, C, H, W) map."""
+        if self.linear:
+            if x.dim() != 2 or x.shape[1] % self.taps:
+                raise ValueError(f"a Linear consumer with {self.taps} taps per channel needs (N, C*{self.taps}) input; got {tuple(x.shape)}")
+            return x.reshape(x.shape[0], x.shape[1] // self.taps, self.taps, 1)
+        if x.dim() != 4:
+            raise ValueError(f"a Conv2d consumer needs (N, C, H, W) input; got {tuple(x.shape)}")
+        return x
+
+    def as_kernel(self, weight: torch.Tensor) -> torch.Tensor:
+        """The consumer weight as (K, C, kh, kw)."""
+        if self.linear:
+            if weight.dim() != 2 or weight.shape[1] % self.taps:
+                raise ValueError(f"Linear weight of shape {tuple(weight.shape)} is not (K, C*{self.taps})")
+            return weight.reshape(weight.shape[0], weight.shape[1] // self.taps, self.taps, 1)
+        if weight.dim() != 4 or tuple(weight.shape[2:]) != self.kernel_size:
+            raise ValueError(f"conv weight of shape {tuple(weight.shape)} does not match kernel {self.kernel_size}")
+        return weight
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if oh < 1 or ow < 1:
+            raise ValueError(f"input {h}x{w} is smaller than the consumer's receptive field {self}")
+        return oh, ow
+
+
+def sample_locations(generator: torch.Generator, n_images: int, out_hw: tuple[int, int],
+                     per_image: int | None, image_offset: int = 0):
+    """Random output positions: ``per_image`` per image (with replacement), or every
+    position when ``per_image`` is None. Drawn on the CPU so a seed gives the same
+    samples on every device. Returns int64 (img, oy, ox)."""
+    oh, ow = out_hw
+    if per_image is None:
+        img = torch.arange(n_images).repeat_interleave(oh * ow)
+        pos = torch.arange(oh * ow).repeat(n_images)
+    else:
+        img = torch.arange(n_images).repeat_interleave(per_image)
+        pos = torch.randint(oh * ow, (n_images * per_image,), generator=generator)
+    return img + image_offset, pos // ow, pos % ow
+
+
+def gather_patches(x: torch.Tensor, geometry: ConsumerGeometry, img, oy, ox) -> torch.Tensor:
+    """Patches z_s (S, C, t) at the given output positions, zero padding applied."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation
+    dev = x.device
+    img, oy, ox = img.to(dev), oy.to(dev), ox.to(dev)
+    xp = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
+    rows = oy[:, None] * sh + torch.arange(kh, device=dev) * dh
+    cols = ox[:, None] * sw + torch.arange(kw, device=dev) * dw
+    z = xp[img[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (S, kh, kw, C)
+    return z.permute(0, 3, 1, 2).reshape(z.shape[0], x.shape[1], kh * kw)
+
+
+def gather_patches_ref(x: torch.Tensor, geometry: ConsumerGeometry, img, oy, ox) -> torch.Tensor:
+    """Reference: full im2col with ``F.unfold``, then pick the samples."""
+    oh, ow = geometry.out_size(x.shape[2], x.shape[3])
+    cols = F.unfold(x, geometry.kernel_size, dilation=geometry.dilation, padding=geometry.padding, stride=geometry.stride)
+    z = cols[img.to(x.device), :, (oy * ow + ox).to(x.device)]  # (S, C*t)
+    return z.reshape(z.shape[0], x.shape[1], geometry.taps)
+
+
+def contributions(z: torch.Tensor, kernel: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
+    """x̂_{s,k}[c] = Σ_u W[k,c,u] z_s[c,u].
+
+    With ``k`` (S,) one output per sample: (S, C). Without: every output, (S, K, C).
+    """
+    Wr = kernel.reshape(kernel.shape[0], kernel.shape[1], -1).to(z.dtype)
+    if k is None:
+        return torch.einsum("kcu,scu->skc", Wr, z)
+    return (Wr[k.to(z.device)] * z).sum(-1)
