@@ -1,5 +1,42 @@
-"""thinet_fast: fast and exact ThiNet filter pruning."""
-from .ops.dispatch import backends, BackendUnavailable
-from .ops.greedy import greedy_remove, greedy_remove_ref, greedy_keep_ls, greedy_keep_ls_ref
+"""thinet_fast: fast and exact ThiNet filter-level pruning (Luo, Wu, Lin, ICCV 2017).
+
+Low level (tensors)::
+
+    order, errors = thinet_fast.greedy_remove(G, C - 1, return_errors=True)
+    w = thinet_fast.ls_scale(G, keep)
+
+High level (modules)::
+
+    result = thinet_fast.prune(model, loader, keep=0.5)
+    print(result.report)
+
+Importing never fails for lack of a GPU, Triton, cupy or the ``_C`` extension;
+``thinet_fast.backends()`` says what is available and why not.
+"""
+from .ops.dispatch import BackendUnavailable, backends
+from .ops.greedy import greedy_keep_ls, greedy_keep_ls_ref, greedy_remove, greedy_remove_ref, removal_to_keep
+from .ops.reconstruct import bias_compensation, ls_scale, refit_full
+from .ops.baselines import lasso_keep, top_k
+from .ops.patches import ConsumerGeometry
+from .ops.stats import Statistics, StatsAccumulator
+from .units import Unit, UnitPlan, find_units
+from .rewrite import prune_unit_, prune_units
+from .serialization import load, save
+from .counting import count_flops, count_params, model_size_mb
+from .pipeline import PruneConfig, PruneResult, collect_statistics, prune, recalibrate_batchnorm
+from .training import evaluate, finetune, finetune_callback
+from . import data, demo, models, presets, report
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "backends", "BackendUnavailable",
+    "greedy_remove", "greedy_remove_ref", "greedy_keep_ls", "greedy_keep_ls_ref", "removal_to_keep",
+    "ls_scale", "refit_full", "bias_compensation", "lasso_keep", "top_k",
+    "ConsumerGeometry", "StatsAccumulator", "Statistics",
+    "Unit", "UnitPlan", "find_units", "prune_unit_", "prune_units", "save", "load",
+    "count_params", "count_flops", "model_size_mb",
+    "PruneConfig", "PruneResult", "prune", "collect_statistics", "recalibrate_batchnorm",
+    "evaluate", "finetune", "finetune_callback",
+    "data", "demo", "models", "presets", "report",
+]

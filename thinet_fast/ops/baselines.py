@@ -35,6 +35,13 @@ def apoz_scores(zero_fraction: torch.Tensor) -> torch.Tensor:
     return 1.0 - zero_fraction.double()
 
 
+def _check_gram(gram) -> None:
+    if not isinstance(gram, torch.Tensor) or gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be a square (C, C) tensor; got shape {tuple(getattr(gram, 'shape', ()))}")
+    if not torch.isfinite(gram).all():
+        raise ValueError("gram contains NaN or Inf; check the statistics (a diverged model or an fp16 overflow)")
+
+
 def _soft(x: torch.Tensor, thr: float) -> torch.Tensor:
     return torch.sign(x) * (x.abs() - thr).clamp_min(0)
 
@@ -44,6 +51,9 @@ def lasso_coefficients(gram: torch.Tensor, lam: float, *, beta0: torch.Tensor | 
     """``argmin_β βᵀGβ - 2bᵀβ + λ‖β‖₁`` with ``b = G 1`` by FISTA, on G normalised to a
     unit diagonal (He et al. normalise the channels; otherwise large channels win).
     Returns β in the normalised scale (float64)."""
+    _check_gram(gram)
+    if not (lam >= 0 and lam < float("inf")):
+        raise ValueError(f"lam must be a finite number >= 0; got {lam}")
     G = gram.double()
     d = G.diagonal().clamp_min(1e-12 * float(G.diagonal().abs().max().clamp_min(1e-300)))
     s = d.rsqrt()
@@ -68,6 +78,7 @@ def lasso_keep(gram: torch.Tensor, n_keep: int, *, max_bisect: int = 40, max_ite
     """He et al. (2017) channel selection on G: bisect λ until exactly ``n_keep``
     coefficients are non-zero (or the closest count above it, then the largest
     ``|β|``). Returns (sorted kept indices, β of the final λ)."""
+    _check_gram(gram)
     C = gram.shape[0]
     if not 1 <= n_keep <= C:
         raise ValueError(f"n_keep must lie in [1, {C}]; got {n_keep}")

@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from .reconstruct import DEFAULT_RIDGE
 
 __all__ = [
     "greedy_remove", "greedy_remove_ref", "greedy_keep_ls", "greedy_keep_ls_ref",
     "prepare_batch", "removal_to_keep", "DEFAULT_RIDGE",
 ]
 
-DEFAULT_RIDGE = 1e-8
 _GREEDY_REMOVE_BACKENDS = ("cuda", "cupy", "triton", "cpu", "torch")
 _KEEP_LS_BACKENDS = ("cuda", "cupy", "cpu", "torch")
 

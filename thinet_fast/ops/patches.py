@@ -68,6 +68,8 @@ class ConsumerGeometry:
     def as_kernel(self, weight: torch.Tensor) -> torch.Tensor:
         """The consumer weight as (K, C, kh, kw)."""
         if self.linear:
+            if weight.dim() == 4 and tuple(weight.shape[2:]) == (self.taps, 1):
+                return weight  # already in kernel form: as_kernel is idempotent
             if weight.dim() != 2 or weight.shape[1] % self.taps:
                 raise ValueError(f"Linear weight of shape {tuple(weight.shape)} is not (K, C*{self.taps})")
             return weight.reshape(weight.shape[0], weight.shape[1] // self.taps, self.taps, 1)

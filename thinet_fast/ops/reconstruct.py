@@ -23,18 +23,32 @@ def _keep_index(keep, C: int, device) -> torch.Tensor:
     return keep
 
 
-def _ridge_solve(A: torch.Tensor, B: torch.Tensor, ridge: float) -> torch.Tensor:
-    """(A + λI)⁻¹ B for symmetric PSD A, λ = ridge·mean(diag A); float64."""
+def _check_square(A, name: str) -> None:
+    """A must be a finite square matrix: NaN/Inf statistics would otherwise come back as
+    silently zeroed weights (the solve's NaN guard), hiding a diverged model."""
+    if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"{name} must be a square (n, n) tensor; got shape {tuple(getattr(A, 'shape', ()))}")
+    if not torch.isfinite(A).all():
+        raise ValueError(f"{name} contains NaN or Inf; check the statistics (a diverged model or an fp16 overflow)")
+
+
+def _ridge_solve(A: torch.Tensor, B: torch.Tensor, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """(A + λI)⁻¹ (B + λ·prior) for symmetric PSD A, λ = ridge·mean(diag A); float64.
+
+    The ridge pulls towards ``prior`` (the unpruned weights) rather than zero, so
+    directions the data never excites keep their original values, and keeping every
+    channel gives back the original weights exactly."""
     A = A.double()
     lam = ridge * float(A.diagonal().mean().clamp_min(0))
     if not lam > 0:
         lam = 1e-12 if float(A.abs().max()) == 0 else ridge * float(A.abs().max())
     Ar = A + lam * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    B = B.double() if prior is None else B.double() + lam * prior.double()
     L, info = torch.linalg.cholesky_ex(Ar)
     if int(info) == 0:
-        X = torch.cholesky_solve(B.double(), L)
+        X = torch.cholesky_solve(B, L)
     else:  # not numerically PSD: least squares never fails
-        X = torch.linalg.lstsq(Ar.cpu(), B.double().cpu(), driver="gelsd").solution.to(A.device)
+        X = torch.linalg.lstsq(Ar.cpu(), B.cpu(), driver="gelsd").solution.to(A.device)
     return torch.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -44,15 +58,17 @@ def ls_scale(gram: torch.Tensor, keep, *, ridge: float = DEFAULT_RIDGE) -> torch
     Multiplying the consumer's input channel ``keep[j]`` by ``w[j]`` minimises
     ``‖y - X_S w‖²`` where y is the unpruned (bias-free) output.
     """
+    _check_square(gram, "gram")
     C = gram.shape[0]
     S = _keep_index(keep, C, gram.device)
     G = gram.double()
     b = G[S].sum(dim=1, keepdim=True)
-    return _ridge_solve(G[S][:, S], b, ridge).squeeze(1)
+    return _ridge_solve(G[S][:, S], b, ridge, prior=torch.ones_like(b)).squeeze(1)
 
 
 def scale_error(gram: torch.Tensor, keep, w: torch.Tensor | None = None) -> torch.Tensor:
     """Relative residual ``‖y - X_S w‖² / ‖y‖²`` from G alone (w = 1 if not given)."""
+    _check_square(gram, "gram")
     S = _keep_index(keep, gram.shape[0], gram.device)
     G = gram.double()
     w = torch.ones(S.numel(), dtype=torch.float64, device=G.device) if w is None else w.double()
@@ -88,11 +104,13 @@ def refit_full(kernel: torch.Tensor, cov: torch.Tensor, keep, *, mean: torch.Ten
     t = W.shape[2]
     if cov.shape != (C * t, C * t):
         raise ValueError(f"cov has shape {tuple(cov.shape)}; expected ({C * t}, {C * t}) for C={C}, t={t}")
+    _check_square(cov, "cov")
     S = _keep_index(keep, C, kernel.device)
     taps = (S[:, None] * t + torch.arange(t, device=S.device)).reshape(-1)
     P = _centred(cov, mean, count).to(kernel.device)
     rhs = P[taps] @ W.reshape(K, C * t).T  # (|S|t, K)
-    Wn = _ridge_solve(P[taps][:, taps], rhs, ridge).T
+    prior = W.reshape(K, C * t)[:, taps].T
+    Wn = _ridge_solve(P[taps][:, taps], rhs, ridge, prior=prior).T
     return Wn.reshape(K, S.numel(), t)
 
 
@@ -105,6 +123,8 @@ def bias_compensation(kernel: torch.Tensor, new_kernel: torch.Tensor, keep, mean
     Wn = new_kernel.reshape(K, -1, W.shape[2]).double()
     S = _keep_index(keep, C, kernel.device)
     mu = mean.reshape(C, -1).double().to(kernel.device)
+    if not torch.isfinite(mu).all():
+        raise ValueError("mean contains NaN or Inf; check the statistics")
     shift = torch.einsum("kcu,cu->k", W, mu) - torch.einsum("kcu,cu->k", Wn, mu[S])
     b = torch.zeros(K, dtype=torch.float64, device=kernel.device) if bias is None else bias.double()
     return b + shift

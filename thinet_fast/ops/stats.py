@@ -77,6 +77,8 @@ class StatsAccumulator:
         seed: samples are drawn from a CPU generator with this seed, so the same data
             in the same order gives the same statistics on every device.
         dtype: accumulation dtype (float32 or float64).
+        with_cov: also keep the patch covariance P in ``sampled``/``direct`` mode (the
+            ``full`` reconstruction needs it).
     """
 
     kernel: torch.Tensor
@@ -87,6 +89,7 @@ class StatsAccumulator:
     seed: int = 0
     dtype: torch.dtype = torch.float32
     backend: str = "auto"
+    with_cov: bool = False
     images_seen: int = 0
     _gen: torch.Generator = field(init=False, repr=False)
     _state: dict = field(init=False, repr=False)
@@ -113,13 +116,17 @@ class StatsAccumulator:
             "zeros": torch.zeros(C, dtype=torch.int64, device=dev),
             "count": 0, "patch_count": 0, "elements": 0,
         }
-        if self.mode == "full":
+        if self.keeps_cov:
             self._state["cov"] = torch.zeros(C * t, C * t, dtype=self.dtype, device=dev)
         self.backend = dispatch.choose(self.backend, dev, ("triton", "torch"), "statistics")
 
     @property
     def channels(self) -> int:
         return self.kernel.shape[1]
+
+    @property
+    def keeps_cov(self) -> bool:
+        return self.mode == "full" or self.with_cov
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -142,8 +149,6 @@ class StatsAccumulator:
                                        acc_dtype=self.dtype, backend=self.backend)
             st["count"] += S
         elif self.mode == "full":
-            P, zsum = patch_moments(x, self.geometry, img, oy, ox, acc_dtype=self.dtype, backend=self.backend)
-            st["cov"] += P
             st["count"] += S * self.kernel.shape[0]
         else:
             R = self.outputs_per_sample
@@ -151,7 +156,10 @@ class StatsAccumulator:
             st["gram"] += direct_gram(x, self.kernel, self.geometry, img, oy, ox, k,
                                       acc_dtype=self.dtype)
             st["count"] += S * (self.kernel.shape[0] if R is None else R)
-        if self.mode != "full":
+        if self.keeps_cov:
+            P, zsum = patch_moments(x, self.geometry, img, oy, ox, acc_dtype=self.dtype, backend=self.backend)
+            st["cov"] += P
+        else:  # the first moment of the sampled patches, for bias compensation
             zsum = gather_patches(x, self.geometry, img, oy, ox).to(self.dtype).sum(0).reshape(-1)
         st["patch_sum"] += zsum
         st["patch_count"] += S
@@ -164,7 +172,7 @@ class StatsAccumulator:
         counts = torch.tensor([st["count"], st["patch_count"], st["elements"], self.images_seen],
                               dtype=torch.float64, device=st["gram"].device)
         out = [st["gram"], st["patch_sum"], st["zeros"], counts]
-        if "cov" in st:
+        if self.keeps_cov:
             out.append(st["cov"])
         return out
 
@@ -174,12 +182,13 @@ class StatsAccumulator:
         st["gram"], st["patch_sum"], st["zeros"] = tensors[0], tensors[1], tensors[2]
         c = [int(round(float(v))) for v in tensors[3].tolist()]
         st["count"], st["patch_count"], st["elements"], self.images_seen = c
-        if "cov" in st:
+        if self.keeps_cov:
             st["cov"] = tensors[4]
 
     def _check_compatible(self, other: "StatsAccumulator"):
         if not isinstance(other, StatsAccumulator) or other.mode != self.mode or \
-                other.geometry != self.geometry or other.kernel.shape != self.kernel.shape or other.dtype != self.dtype:
+                other.geometry != self.geometry or other.kernel.shape != self.kernel.shape or \
+                other.dtype != self.dtype or other.keeps_cov != self.keeps_cov:
             raise ValueError("only accumulators with the same mode, geometry, kernel shape and dtype can be merged")
 
     def merge(self, other: "StatsAccumulator") -> "StatsAccumulator":
@@ -193,7 +202,7 @@ class StatsAccumulator:
 
     def __add__(self, other: "StatsAccumulator") -> "StatsAccumulator":
         out = StatsAccumulator(self.kernel, self.geometry, self.mode, self.samples_per_image,
-                               self.outputs_per_sample, self.seed, self.dtype, self.backend)
+                               self.outputs_per_sample, self.seed, self.dtype, self.backend, self.with_cov)
         return out.merge(self).merge(other)
 
     def result(self) -> Statistics:

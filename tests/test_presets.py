@@ -1,0 +1,196 @@
+"""Paper presets and counting: the figures are counted on the meta device (no compute).
+
+Counting convention (thinet_fast.counting): parameters of every layer; FLOPs = 2 x the
+multiply-adds of Conv2d/Linear layers for one 3x224x224 image; torchvision architectures
+built with weights=None.
+"""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from thinet_fast.counting import count_flops, count_params, model_size_mb, profile
+from thinet_fast.models import (MODEL_BUILDERS, THINET_TINY_WIDTHS, VGG16_WIDTHS, DemoResNet, DemoVGG,
+                                resnet50_original, vgg16_gap, vgg16_tiny)
+from thinet_fast.presets import PRESETS, Preset, apply_preset_shapes, get_preset, preset_architecture
+from thinet_fast.units import find_units
+
+X = torch.zeros(1, 3, 224, 224, device="meta")
+
+
+def figures(model):
+    return round(count_params(model) / 1e6, 2), round(count_flops(model, X) / 1e9, 2)
+
+
+def on_meta(builder, **kw):
+    with torch.device("meta"):
+        return builder(**kw)
+
+
+# ------------------------------------------------------------------ unpruned baselines
+def test_vgg16_counts():
+    m = on_meta(torchvision.models.vgg16, weights=None)
+    assert count_params(m) == 138_357_544
+    assert figures(m) == (138.36, 30.94)
+    # 527.8 "MB" = float32 parameter bytes / 2**20 (the paper's 528 MB)
+    assert round(model_size_mb(m), 1) == 527.8
+
+
+def test_resnet50_original_vs_torchvision():
+    orig = on_meta(resnet50_original)
+    tv = on_meta(torchvision.models.resnet50, weights=None)
+    assert count_params(orig) == count_params(tv) == 25_557_032
+    assert figures(orig) == (25.56, 7.72)  # ResNet v1 (paper): stride on the first 1x1
+    assert figures(tv) == (25.56, 8.18)    # torchvision v1.5: stride on the 3x3
+    assert orig.layer2[0].conv1.stride == (2, 2) and orig.layer2[0].conv2.stride == (1, 1)
+    assert orig.layer1[0].conv1.stride == (1, 1)  # layer1 does not downsample
+
+
+# ------------------------------------------------------------------ VGG presets
+def test_thinet_conv():
+    assert figures(preset_architecture("vgg16-thinet-conv")) == (131.45, 9.58)
+
+
+def test_thinet_gap_matches_from_scratch_builder():
+    m = preset_architecture("vgg16-thinet-gap")
+    assert figures(m) == (8.32, 9.34)
+    widths = [w // 2 for w in VGG16_WIDTHS[:10]] + list(VGG16_WIDTHS[10:])
+    scratch = on_meta(vgg16_gap, widths=widths)
+    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in scratch.state_dict().items()}
+
+
+def test_thinet_tiny_matches_from_scratch_builder():
+    m = preset_architecture("vgg16-thinet-tiny")
+    assert count_params(m) == 1_325_368
+    assert figures(m) == (1.33, 2.01)  # the issue's 1.325M; the paper prints 1.32M
+    scratch = on_meta(vgg16_tiny)
+    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in scratch.state_dict().items()}
+    assert [c.out_channels for c in m.features if isinstance(c, nn.Conv2d)] == list(THINET_TINY_WIDTHS)
+    assert isinstance(m.classifier, nn.Linear) and m.classifier.in_features == 256
+
+
+# ------------------------------------------------------------------ ResNet-50 presets
+# floor(C * keep) reproduces the paper's printed figures exactly (params and FLOPs);
+# rounding to nearest gives the 16.96M / 8.70M figures instead.
+@pytest.mark.parametrize("name, params, gflops, params_round", [
+    ("resnet50-thinet-70", 16.94, 4.88, 16.96),
+    ("resnet50-thinet-50", 12.38, 3.41, 12.38),
+    ("resnet50-thinet-30", 8.66, 2.20, 8.70),
+])
+def test_resnet50_presets(name, params, gflops, params_round):
+    preset = get_preset(name)
+    assert preset.rounding == "floor" and preset.base == "resnet50_original"
+    assert figures(preset_architecture(preset)) == (params, gflops)
+    assert (preset.paper["params_m"], preset.paper["gflops"]) == (params, gflops)
+    rounded = dataclasses.replace(preset, rounding="round")
+    assert round(count_params(preset_architecture(rounded)) / 1e6, 2) == params_round
+
+
+def test_resnet50_70_channel_rule():
+    preset = get_preset("resnet50-thinet-70")
+    assert preset.n_keep(64, 0.7) == 44 and preset.n_keep(128, 0.7) == 89
+    assert dataclasses.replace(preset, rounding="round").n_keep(64, 0.7) == 45
+    assert preset.n_keep(10, 0.7) == 7  # 0.7 * 10 = 6.999... in floating point
+    m = preset_architecture(preset)
+    assert (m.layer1[0].conv1.out_channels, m.layer1[0].conv2.out_channels, m.layer1[0].conv3.out_channels) == (44, 44, 256)
+    assert m.layer4[2].conv2.out_channels == 358 and m.layer4[0].downsample[0].out_channels == 2048
+
+
+# ------------------------------------------------------------------ preset API
+def test_keep_for_and_producers():
+    preset = get_preset("resnet50-thinet-50")
+    assert len(preset.producers) == 32 and preset.transform is None
+    m = on_meta(torchvision.models.resnet50, weights=None)
+    plan = find_units(m, X, units=preset.producers)
+    keep = preset.keep_for(plan)
+    assert keep["layer1.0.conv1"] == 32 and keep["layer4.2.conv2"] == 256 and len(keep) == 32
+
+
+def test_keep_for_refuses_unprunable_producer():
+    # a ResNet-18 has layerX.Y.conv1 units but its conv2 feed residual adds
+    m = on_meta(torchvision.models.resnet18, weights=None)
+    plan = find_units(m, X)
+    with pytest.raises(ValueError, match=r"`layer1.0.conv2`: .*residual"):
+        get_preset("resnet50-thinet-70").keep_for(plan)
+    with pytest.raises(ValueError, match="layer1.0.conv2"):
+        apply_preset_shapes(m, "resnet50-thinet-70")
+
+
+def test_preset_validation_and_lookup():
+    with pytest.raises(KeyError, match="vgg16-thinet-conv"):
+        get_preset("vgg19-magic")
+    with pytest.raises(ValueError, match="unknown base"):
+        Preset("x", "alexnet", {"a": 0.5})
+    with pytest.raises(ValueError, match="fraction"):
+        Preset("x", "vgg16", {"a": 1.5})
+    with pytest.raises(TypeError, match="fraction or an int"):
+        Preset("x", "vgg16", {"a": True})
+    with pytest.raises(ValueError, match="at least one"):
+        Preset("x", "vgg16", {"a": 0})
+    p = Preset("x", "vgg16", {"features.0": 16})
+    with pytest.raises(ValueError, match="keep 16 of 8"):
+        p.n_keep(8, 16)
+    assert set(PRESETS) == {"vgg16-thinet-conv", "vgg16-thinet-gap", "vgg16-thinet-tiny",
+                            "resnet50-thinet-70", "resnet50-thinet-50", "resnet50-thinet-30"}
+    assert all(p.note for p in PRESETS.values())
+    assert "fine-tuned" in PRESETS["vgg16-thinet-gap"].note
+
+
+def test_apply_preset_shapes_copies_unless_inplace():
+    m = on_meta(torchvision.models.vgg16, weights=None)
+    out = apply_preset_shapes(m, "vgg16-thinet-gap")
+    assert out is not m and m.features[0].out_channels == 64 and out.features[0].out_channels == 32
+    assert isinstance(m.classifier, nn.Sequential) and isinstance(out.classifier, nn.Linear)
+
+
+def test_gap_transform_runs_on_real_weights():
+    # a real (non-meta) run of the transform on a small VGG-style model
+    m = torchvision.models.VGG(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()), num_classes=7,
+                               init_weights=False)
+    m.classifier = nn.Sequential(nn.Linear(8 * 49, 7))  # keep the test small
+    PRESETS["vgg16-thinet-gap"].transform(m)
+    assert isinstance(m.classifier, nn.Linear) and (m.classifier.in_features, m.classifier.out_features) == (8, 7)
+    assert m(torch.randn(2, 3, 16, 16)).shape == (2, 7)
+
+
+# ------------------------------------------------------------------ counting details
+def test_count_flops_by_hand_and_no_side_effects():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, groups=1), nn.BatchNorm2d(4), nn.ReLU(),
+                      nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).train()
+    x = torch.randn(2, 3, 8, 8)
+    prof = profile(m, x)
+    expect = [2 * 2 * 4 * 64 * 27, 2 * 2 * 4 * 36 * 9, 2 * 2 * 5 * 144]
+    assert [lc.flops for lc in prof.layers] == expect and prof.flops == sum(expect)
+    assert [lc.name for lc in prof.layers] == ["0", "3", "5"]
+    assert prof.params == count_params(m) and "GFLOPs" in str(prof)
+    assert m[1].num_batches_tracked.item() == 0  # the fake forward changed nothing
+    assert all(not mod._forward_hooks for mod in m.modules())
+
+
+def test_model_size_and_shared_params():
+    lin = nn.Linear(10, 10)
+    m = nn.Sequential(lin, nn.ReLU(), lin, nn.BatchNorm1d(10))
+    assert count_params(m) == 110 + 20
+    assert model_size_mb(m, buffers=False) == 130 * 4 / 2**20
+    assert model_size_mb(m) == (130 * 4 + 20 * 4 + 8) / 2**20
+
+
+# ------------------------------------------------------------------ demo models and builders
+@pytest.mark.parametrize("builder, n_units", [(DemoVGG, 6), (DemoResNet, 8)])
+def test_demo_models(builder, n_units):
+    m = builder()
+    x = torch.randn(2, 1, 28, 28)
+    assert m(x).shape == (2, 10)
+    assert 50_000 < count_params(m) < 400_000
+    assert count_flops(m, x[:1]) < 12e6
+    plan = find_units(m, x)
+    assert len(plan.units) == n_units
+
+
+def test_model_builders():
+    assert set(MODEL_BUILDERS) >= {"resnet50_original", "demo-vgg", "demo-resnet"}
+    assert MODEL_BUILDERS["demo-vgg"](num_classes=3)(torch.randn(1, 1, 28, 28)).shape == (1, 3)
+    with pytest.raises(ValueError, match="13"):
+        vgg16_gap(widths=(8, 8))

@@ -1,0 +1,8 @@
+"""The only layer that knows both modules and math: statistics → selection →
+reconstruction → rewrite, under a schedule."""
+from .config import PruneConfig, n_keep_for
+from .prune import PruneResult, prune
+from .collect import collect_statistics
+from .calibrate import recalibrate_batchnorm
+
+__all__ = ["PruneConfig", "PruneResult", "prune", "collect_statistics", "recalibrate_batchnorm", "n_keep_for"]

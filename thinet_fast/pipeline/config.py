@@ -1,0 +1,141 @@
+"""The validated configuration of a pruning run (torchao-style: one dataclass)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+METHODS = ("thinet", "thinet_ls", "random", "weight_sum", "apoz", "lasso")
+STATISTICS = ("sampled", "full", "direct", "auto")
+RECONSTRUCTIONS = ("scale", "full", "none")
+SCHEDULES = ("sequential", "oneshot")
+BACKENDS = ("auto", "torch", "cpu", "cuda", "cupy", "triton")
+
+
+@dataclass
+class PruneConfig:
+    """Every option of :func:`thinet_fast.prune`.
+
+    Attributes:
+        keep: fraction of channels to keep (0 < keep <= 1), for every unit, or a dict
+            producer fqn -> fraction (float) or channel count (int). Units absent from
+            a dict are not pruned.
+        method: "thinet" (greedy removal, ICCV), "thinet_ls" (forward least squares,
+            journal), or the baselines "random", "weight_sum", "apoz", "lasso".
+        statistics: "sampled" (paper), "full" (exact over every output), "direct"
+            (large t), or "auto" (full while (C·t)² is small, direct otherwise).
+        reconstruction: "scale" (paper), "full" (least-squares refit of the consumer)
+            or "none".
+        bias_compensation: shift the consumer's bias so E[y] is kept.
+        bn_recalibration: re-estimate BatchNorm statistics after pruning.
+        schedule: "sequential" (paper; resumable) or "oneshot".
+        num_images: calibration images to use (paper: 10 per class).
+        samples_per_image: locations per image (paper: 10); None = every location.
+        seed: seeds sampling and the random baseline.
+        device: where statistics are computed (default: the model's device).
+        backend: kernel backend for statistics and selection.
+        units / filter_fn: which producers to prune (fqn list, or a predicate
+            ``filter_fn(module, fqn)``).
+        finetune: callback ``finetune(model, unit, index)`` after each unit
+            (sequential schedule).
+        resume: checkpoint path: written after every unit, and resumed from if it exists.
+        inplace: prune the given model instead of a copy.
+        preset: a paper preset name (see ``thinet_fast.presets``); it fixes keep/units.
+        stats_dtype: accumulation dtype (float32 or float64).
+        ridge: ridge factor for the least-squares solves.
+        progress: show progress bars.
+    """
+
+    keep: float | Mapping[str, float | int] | None = 0.5
+    method: str = "thinet"
+    statistics: str = "auto"
+    reconstruction: str = "scale"
+    bias_compensation: bool = True
+    bn_recalibration: bool = False
+    schedule: str = "sequential"
+    num_images: int = 1000
+    samples_per_image: int | None = 10
+    seed: int = 0
+    device: str | torch.device | None = None
+    backend: str = "auto"
+    units: list[str] | None = None
+    filter_fn: Callable[[torch.nn.Module, str], bool] | None = None
+    finetune: Callable[..., Any] | None = None
+    resume: str | None = None
+    inplace: bool = False
+    preset: str | None = None
+    stats_dtype: torch.dtype = torch.float32
+    ridge: float = 1e-8
+    progress: bool = True
+
+    def __post_init__(self):
+        def _one_of(name, value, allowed):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+        _one_of("method", self.method, METHODS)
+        _one_of("statistics", self.statistics, STATISTICS)
+        _one_of("reconstruction", self.reconstruction, RECONSTRUCTIONS)
+        _one_of("schedule", self.schedule, SCHEDULES)
+        _one_of("backend", self.backend, BACKENDS)
+        if self.keep is None and self.preset is None:
+            raise ValueError("give keep= (a fraction or a dict) or preset=")
+        if isinstance(self.keep, Mapping):
+            for fqn, v in self.keep.items():
+                _check_keep(v, f"keep[{fqn!r}]")
+        elif self.keep is not None:
+            if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
+                raise TypeError(f"keep must be a float in (0, 1] or a dict of producer fqn -> fraction/count; got {type(self.keep).__name__}")
+            if not 0.0 < float(self.keep) <= 1.0:
+                raise ValueError(f"keep={self.keep} must lie in (0, 1]")
+            self.keep = float(self.keep)  # a global keep is always a fraction (keep=1 means all)
+        if self.num_images < 1:
+            raise ValueError(f"num_images must be >= 1; got {self.num_images}")
+        if self.samples_per_image is not None and self.samples_per_image < 1:
+            raise ValueError(f"samples_per_image must be >= 1 or None; got {self.samples_per_image}")
+        if self.units is not None and self.filter_fn is not None:
+            raise ValueError("pass units= or filter_fn=, not both")
+        if self.finetune is not None and not callable(self.finetune):
+            raise TypeError("finetune must be a callable finetune(model, unit, index)")
+        if self.finetune is not None and self.schedule == "oneshot":
+            raise ValueError("a per-unit finetune callback needs schedule='sequential'")
+        if self.stats_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"stats_dtype must be torch.float32 or torch.float64; got {self.stats_dtype}")
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0; got {self.ridge}")
+
+    def replace(self, **changes) -> "PruneConfig":
+        return dataclasses.replace(self, **changes)
+
+    def fingerprint(self) -> dict:
+        """The options that decide the result (a resumed run must match them)."""
+        keys = ("keep", "method", "statistics", "reconstruction", "bias_compensation", "schedule",
+                "num_images", "samples_per_image", "seed", "units", "preset", "ridge")
+        out = {k: getattr(self, k) for k in keys}
+        out["keep"] = dict(self.keep) if isinstance(self.keep, Mapping) else self.keep
+        out["stats_dtype"] = str(self.stats_dtype)
+        return out
+
+
+def _check_keep(v, name):
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be a fraction or a channel count; got a bool")
+    if isinstance(v, int):
+        if v < 1:
+            raise ValueError(f"{name}={v}: a channel count must be >= 1")
+    elif isinstance(v, float):
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"{name}={v}: a fraction must lie in (0, 1]")
+    else:
+        raise TypeError(f"{name} must be a float fraction or an int count; got {type(v).__name__}")
+
+
+def n_keep_for(channels: int, keep: float | int) -> int:
+    """Channels kept for a fraction (rounded to nearest, at least 1) or an explicit count."""
+    if isinstance(keep, int) and not isinstance(keep, bool):
+        if keep > channels:
+            raise ValueError(f"asked to keep {keep} channels of {channels}")
+        return keep
+    return max(1, min(channels, int(round(channels * float(keep)))))

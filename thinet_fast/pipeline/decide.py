@@ -1,0 +1,123 @@
+"""Selection and reconstruction for one unit: statistics in, a decision out."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..ops import baselines, greedy, reconstruct
+from ..ops.stats import Statistics
+from ..units import Unit
+
+
+@dataclass
+class Decision:
+    """What to cut and what to write into the consumer, plus the numbers for the report."""
+
+    unit: Unit
+    keep: torch.Tensor                       # sorted kept channel indices
+    consumer_weight: torch.Tensor            # (K, |S|, kh, kw) or (K, |S|·t), consumer dtype
+    consumer_bias: torch.Tensor | None
+    method: str
+    statistics: str
+    reconstruction: str
+    error_selected: float                    # relative error of the kept set, w = 1
+    error_reconstructed: float               # relative error after reconstruction
+    error_curve: torch.Tensor | None = None  # E(n)/E(all removed), n = 1..C-1 (thinet only)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def record(self) -> dict:
+        u = self.unit
+        return {
+            "producer": u.producer, "consumer": u.consumer, "channels": u.channels, "kept": int(self.keep.numel()),
+            "method": self.method, "statistics": self.statistics, "reconstruction": self.reconstruction,
+            "error_selected": self.error_selected, "error_reconstructed": self.error_reconstructed,
+            "seconds": self.seconds, "notes": list(self.notes),
+        }
+
+
+def select(method: str, stats: Statistics, n_keep: int, producer: nn.Module, *, seed: int = 0,
+           backend: str = "auto", ridge: float = 1e-8):
+    """Kept indices (sorted) and, for ThiNet, the error curve."""
+    G, C = stats.gram, stats.channels
+    if n_keep == C:
+        return torch.arange(C, device=G.device), None
+    if method == "thinet":
+        return select_thinet_batched([stats], [n_keep], backend=backend)[0]
+    if method == "thinet_ls":
+        # its own least-squares scales equal ls_scale's; the reconstruction step recomputes them
+        return greedy.greedy_keep_ls(G, n_keep, ridge=ridge, backend=backend).sort().values, None
+    if method == "lasso":
+        keep, _ = baselines.lasso_keep(G, n_keep)
+        return keep, None
+    if method == "random":
+        scores = baselines.random_scores(C, seed)
+    elif method == "weight_sum":
+        scores = baselines.weight_sum_scores(producer.weight)
+    elif method == "apoz":
+        scores = baselines.apoz_scores(stats.zero_fraction)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return baselines.top_k(scores.to(G.device), n_keep), None
+
+
+def select_thinet_batched(stats: list[Statistics], n_keep: list[int], *, backend: str = "auto"):
+    """ThiNet greedy removal for many units in one batched call (problems padded).
+
+    Each unit gets its whole removal order, so the error curve E(n)/1ᵀG1 for every
+    ratio comes for free (DESIGN §6)."""
+    grams = [s.gram for s in stats]
+    orders, errors = greedy.greedy_remove(grams, [g.shape[0] - 1 for g in grams], return_errors=True,
+                                          backend=backend)
+    out = []
+    for G, order, err, n in zip(grams, orders, errors, n_keep):
+        total = G.double().sum().clamp_min(torch.finfo(torch.float64).tiny)
+        keep = greedy.removal_to_keep(order, G.shape[0], n) if n < G.shape[0] else torch.arange(G.shape[0])
+        out.append((keep.to(G.device), (err.double() / total).cpu()))
+    return out
+
+
+def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, consumer: nn.Module, *,
+           method: str, reconstruction: str, bias_compensation: bool, seed: int = 0,
+           backend: str = "auto", ridge: float = 1e-8, selection=None) -> Decision:
+    """Select (unless ``selection`` = (keep, curve) is given) and reconstruct."""
+    t0 = time.perf_counter()
+    if selection is None:
+        selection = select(method, stats, n_keep, producer, seed=seed, backend=backend, ridge=ridge)
+    keep, curve = selection
+    keep_dev = keep.to(consumer.weight.device)
+    K = consumer.weight.shape[0]
+    W = consumer.weight.detach().reshape(K, unit.channels, -1)   # (K, C, t)
+    notes = []
+    recon = reconstruction
+    if recon == "full" and stats.cov is None:
+        recon = "scale"
+        notes.append(f"full refit needs the patch covariance, too large here (C·t = {unit.channels * unit.taps}); used scale")
+    err_sel = float(reconstruct.scale_error(stats.gram, keep))
+    if recon == "none":
+        Wn = W[:, keep_dev].double()
+        err_rec = err_sel
+    elif recon == "scale":
+        w = reconstruct.ls_scale(stats.gram, keep, ridge=ridge)
+        Wn = W[:, keep_dev].double() * w.to(W.device)[None, :, None]
+        err_rec = float(reconstruct.scale_error(stats.gram, keep, w))
+    else:
+        mean = stats.mean if bias_compensation else None
+        count = stats.patch_count if bias_compensation else None
+        Wn = reconstruct.refit_full(W, stats.cov, keep, mean=mean, count=count, ridge=ridge).to(W.device)
+        err_rec = float(reconstruct.refit_error(W, Wn, keep, stats.cov, mean, count))
+    bias = consumer.bias.detach() if consumer.bias is not None else None
+    if bias_compensation:
+        bias = reconstruct.bias_compensation(W, Wn, keep, stats.mean.to(W.device), bias)
+    if not torch.isfinite(Wn).all() or (bias is not None and not torch.isfinite(bias).all()):
+        raise FloatingPointError(f"reconstruction of {unit.consumer!r} produced non-finite weights; "
+                                 "check the calibration data (NaN activations?)")
+    dtype = consumer.weight.dtype
+    new_w = Wn.to(dtype).reshape((K, keep.numel()) + tuple(consumer.weight.shape[2:])) \
+        if isinstance(consumer, nn.Conv2d) else Wn.to(dtype).reshape(K, -1)
+    new_b = bias.to(dtype) if bias is not None else None
+    return Decision(unit, keep.cpu(), new_w, new_b, method, stats.mode, recon, err_sel, err_rec,
+                    curve.cpu() if curve is not None else None, time.perf_counter() - t0, notes)

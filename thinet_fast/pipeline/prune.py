@@ -1,0 +1,128 @@
+"""``thinet_fast.prune``: the high-level entry point."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..report import Report, build_report
+from ..units import UnitPlan, find_units
+from .calibrate import recalibrate_batchnorm
+from .collect import _model_device, iter_batches
+from .config import PruneConfig, n_keep_for
+from .schedules import run_oneshot, run_sequential
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    report: Report
+    plan: UnitPlan
+    config: PruneConfig
+
+    def __iter__(self):  # model, report = thinet_fast.prune(...)
+        return iter((self.model, self.report))
+
+
+def _config(config: PruneConfig | None, options: dict) -> PruneConfig:
+    if config is not None and options:
+        raise TypeError(f"pass a PruneConfig or keyword options, not both (got {sorted(options)})")
+    if config is not None:
+        if not isinstance(config, PruneConfig):
+            raise TypeError(f"config must be a thinet_fast.PruneConfig; got {type(config).__name__}")
+        return config
+    known = {f.name for f in fields(PruneConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; valid options are {sorted(known)}")
+    return PruneConfig(**options)
+
+
+def _example_input(data, device) -> torch.Tensor:
+    if not isinstance(data, torch.Tensor) and iter(data) is data:
+        raise TypeError("data is a one-pass iterator; pass a DataLoader, a list of batches or a tensor "
+                        "(statistics are collected in several passes)")
+    return next(iter(iter_batches(data, 1, device)))
+
+
+def _plan_keeps(plan: UnitPlan, cfg: PruneConfig, preset) -> dict[str, int]:
+    if preset is not None:
+        return preset.keep_for(plan)
+    keep = cfg.keep
+    if isinstance(keep, Mapping):
+        return {u.producer: n_keep_for(u.channels, keep[u.producer]) for u in plan.units}
+    return {u.producer: n_keep_for(u.channels, keep) for u in plan.units}
+
+
+def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) -> PruneResult:
+    """Prune ``model`` with ThiNet (or a baseline) using calibration ``data``.
+
+    Args:
+        model: any fx-traceable model built from Conv2d/Linear chains.
+        data: a DataLoader, a list of batches, or one tensor; a batch is a tensor or a
+            tuple/list whose first item is the input.
+        config: a :class:`PruneConfig`; or pass its fields as keywords.
+
+    Returns:
+        :class:`PruneResult` with ``.model`` (the physically smaller model; a copy
+        unless ``inplace=True``) and ``.report``.
+
+    Example::
+
+        result = thinet_fast.prune(model, loader, keep=0.5, method="thinet", num_images=1000)
+        print(result.report)
+    """
+    cfg = _config(config, options)
+    preset = None
+    if cfg.preset is not None:
+        from ..presets import get_preset
+        preset = get_preset(cfg.preset)
+    device = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
+    example = _example_input(data, device)
+    # always work on a copy: a failure half way leaves the caller's model whole
+    work = copy.deepcopy(model).to(device)
+
+    units_arg = cfg.units
+    if preset is not None:
+        units_arg = preset.producers if units_arg is None else units_arg
+    elif isinstance(cfg.keep, Mapping) and units_arg is None and cfg.filter_fn is None:
+        units_arg = list(cfg.keep)
+    plan = find_units(work, example, units=units_arg, filter_fn=cfg.filter_fn)
+    if not plan.units:
+        raise ValueError("no prunable units were selected; see the refused channels:\n" + str(plan))
+    n_keep = _plan_keeps(plan, cfg, preset)
+
+    run = run_sequential if cfg.schedule == "sequential" else run_oneshot
+    records = run(work, plan.units, n_keep, data, cfg, device)
+    notes = []
+    if preset is not None and preset.transform is not None:
+        work = preset.transform(work)
+        notes.append(f"preset {preset.name}: {preset.note}")
+    if cfg.bn_recalibration:
+        n_bn = recalibrate_batchnorm(work, data, num_images=cfg.num_images, device=device)
+        notes.append(f"re-estimated {n_bn} BatchNorm layers on {cfg.num_images} calibration images")
+    report = build_report(work, example[:1], reference=model, units=records,
+                          config=cfg.fingerprint(), backend=_backend_used(cfg, device), notes=notes)
+    if cfg.inplace:
+        _transplant(model, work)
+        work = model
+    return PruneResult(work, report, plan, cfg)
+
+
+def _transplant(model: nn.Module, pruned: nn.Module) -> None:
+    """Make ``model`` the pruned model (``inplace=True``), only once everything succeeded."""
+    for key in ("_modules", "_parameters", "_buffers"):
+        object.__setattr__(model, key, getattr(pruned, key))
+
+
+def _backend_used(cfg: PruneConfig, device) -> dict:
+    from ..ops import dispatch
+    sel = ("cuda", "cupy", "triton", "cpu", "torch")
+    stats = dispatch.choose(cfg.backend, device, ("triton", "torch"), "statistics") \
+        if cfg.backend in ("auto", "triton", "torch") else "torch"
+    selection = dispatch.choose(cfg.backend, torch.device("cpu") if device.type == "cpu" else device, sel, "selection") \
+        if cfg.method in ("thinet", "thinet_ls") else "torch"
+    return {"statistics": stats, "selection": selection}

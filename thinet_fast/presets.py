@@ -1,0 +1,224 @@
+"""The paper's pruned architectures as data.
+
+A :class:`Preset` names a base architecture, how many channels each producer keeps
+(a fraction of its width, or an absolute count), and an optional architecture transform
+applied after pruning (ThiNet-GAP/Tiny replace fc6-fc8 by global average pooling and one
+Linear). The pruning pipeline calls ``find_units(model, x, units=preset.producers)``,
+``preset.keep_for(plan)`` for the channel counts, prunes with ThiNet-selected channels,
+then ``preset.transform(model)``.
+
+:func:`apply_preset_shapes` produces the pruned *architecture* without any statistics
+(it keeps the first n channels), so parameter and FLOP counts can be checked cheaply,
+e.g. on the meta device.
+
+Rounding rule: a fraction keeps ``floor(C * fraction)`` channels (at least 1), e.g. 70% of
+64 = 44.8 -> 44. This is the rule that reproduces the paper exactly: ResNet-50
+ThiNet-70/50/30 count 16.94M / 12.38M / 8.66M parameters and 4.88 / 3.41 / 2.20 GFLOPs
+(ResNet v1, 224x224, 2 x MACs of conv+linear), as printed in the paper. Rounding to
+nearest (``rounding="round"``: 45 of 64) gives 16.96M / 12.38M / 8.70M and 4.92 / 3.41 /
+2.21 GFLOPs instead; the VGG presets are the same under both rules (50% of even widths,
+or absolute counts).
+
+Heads: the GAP/Tiny head is a *new* ``Linear(512 or 256 -> num_classes)``, freshly
+initialised; it must be fine-tuned (the paper trains it).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Literal, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .models import THINET_TINY_WIDTHS, gap_head_, resnet50_original
+from .rewrite import prune_unit_
+from .units import UnitPlan, find_units
+
+__all__ = ["Preset", "PRESETS", "get_preset", "apply_preset_shapes", "preset_architecture", "BASES"]
+
+#: base architectures a preset can name; all built with random init (weights=None).
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    def build(**kw) -> nn.Module:
+        import torchvision  # lazy: importing torchvision takes seconds
+
+        return getattr(torchvision.models, name)(weights=None, **kw)
+
+    build.__name__ = name
+    return build
+
+
+BASES: Mapping[str, Callable[..., nn.Module]] = MappingProxyType({
+    "vgg16": _torchvision("vgg16"),
+    "resnet50": _torchvision("resnet50"),
+    "resnet50_original": resnet50_original,
+})
+
+KeepValue = Union[float, int]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A paper configuration.
+
+    Attributes:
+        name: e.g. ``"vgg16-thinet-conv"``.
+        base: key of :data:`BASES` (``"vgg16"``, ``"resnet50"``, ``"resnet50_original"``).
+        keep: ``{producer fqn: fraction in (0, 1] or int channel count}``.
+        transform: ``model -> model`` applied after pruning (in place), or None.
+        rounding: how a fraction becomes a count: ``"floor"`` (default) or ``"round"``.
+        note: one line for reports.
+        paper: the paper's figures, ``{"params_m": ..., "gflops": ...}`` (for reference).
+    """
+
+    name: str
+    base: str
+    keep: Mapping[str, KeepValue]
+    transform: Optional[Callable[[nn.Module], nn.Module]] = None
+    rounding: Literal["floor", "round"] = "floor"
+    note: str = ""
+    paper: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.base not in BASES:
+            raise ValueError(f"Preset {self.name}: unknown base {self.base!r}; one of {sorted(BASES)}")
+        if self.rounding not in ("floor", "round"):
+            raise ValueError(f"Preset {self.name}: rounding must be 'floor' or 'round', got {self.rounding!r}")
+        if not self.keep:
+            raise ValueError(f"Preset {self.name}: keep is empty")
+        for fqn, v in self.keep.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"Preset {self.name}: keep[{fqn!r}] must be a float fraction or an int count")
+            if isinstance(v, float) and not 0.0 < v <= 1.0:
+                raise ValueError(f"Preset {self.name}: keep[{fqn!r}]={v} is not a fraction in (0, 1]")
+            if isinstance(v, int) and v < 1:
+                raise ValueError(f"Preset {self.name}: keep[{fqn!r}]={v} must keep at least one channel")
+        object.__setattr__(self, "keep", MappingProxyType(dict(self.keep)))
+        object.__setattr__(self, "paper", MappingProxyType(dict(self.paper)))
+
+    @property
+    def producers(self) -> list[str]:
+        """The producer fqns this preset prunes (pass as ``find_units(..., units=...)``)."""
+        return list(self.keep)
+
+    def build_base(self, num_classes: int = 1000, **kwargs) -> nn.Module:
+        """The unpruned base model, randomly initialised (nothing downloaded)."""
+        return BASES[self.base](num_classes=num_classes, **kwargs)
+
+    def n_keep(self, channels: int, value: KeepValue) -> int:
+        """Channels kept of ``channels`` for a fraction or a count (see module doc for the rule)."""
+        if isinstance(value, int):
+            if value > channels:
+                raise ValueError(f"Preset {self.name}: asked to keep {value} of {channels} channels")
+            return value
+        x = channels * value
+        n = math.floor(x + 1e-9) if self.rounding == "floor" else int(round(x))  # 1e-9: 0.7*10 = 6.999...
+        return max(1, min(channels, n))
+
+    def keep_for(self, plan: UnitPlan) -> dict[str, int]:
+        """``{producer fqn: channels to keep}`` for every producer of the preset.
+
+        Raises ``ValueError`` naming the producer when the preset names a producer that
+        is not a unit of ``plan`` (never skips silently).
+        """
+        by = {u.producer: u for u in plan.units}
+        missing = []
+        for fqn in self.keep:
+            if fqn not in by:
+                why = next((r.reason for r in plan.refused if r.producer == fqn), "not a unit of this plan")
+                missing.append(f"`{fqn}`: {why}")
+        if missing:
+            raise ValueError(f"preset {self.name}: producer(s) not prunable in this model:\n  " + "\n  ".join(missing))
+        return {u.producer: self.n_keep(u.channels, self.keep[u.producer]) for u in plan.units if u.producer in self.keep}
+
+
+# --------------------------------------------------------------------------- the presets
+# torchvision VGG-16 conv indices in `features`: conv1_1 .. conv5_3
+_VGG16_CONVS = ("features.0", "features.2", "features.5", "features.7", "features.10", "features.12",
+                "features.14", "features.17", "features.19", "features.21", "features.24", "features.26",
+                "features.28")
+
+
+def _resnet50_inner(frac: float) -> dict[str, float]:
+    out = {}
+    for li, blocks in enumerate((3, 4, 6, 3), start=1):
+        for b in range(blocks):
+            out[f"layer{li}.{b}.conv1"] = frac
+            out[f"layer{li}.{b}.conv2"] = frac
+    return out
+
+
+def _gap_transform(model: nn.Module) -> nn.Module:
+    """VGG head -> GAP + one new Linear(last conv width -> classes). The head must be trained."""
+    return gap_head_(model)
+
+
+_GAP_NOTE = ("fc6-fc8 replaced by global average pooling + a new Linear head; the head is freshly "
+             "initialised and must be fine-tuned")
+
+PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
+    Preset("vgg16-thinet-conv", "vgg16", {f: 0.5 for f in _VGG16_CONVS[:10]},
+           note="conv1_1-conv4_3 keep 50%; conv5 and the FC layers untouched",
+           paper={"params_m": 131.44, "gflops": 9.58}),
+    Preset("vgg16-thinet-gap", "vgg16", {f: 0.5 for f in _VGG16_CONVS[:10]}, transform=_gap_transform,
+           note="ThiNet-Conv + " + _GAP_NOTE, paper={"params_m": 8.32, "gflops": 9.34}),
+    Preset("vgg16-thinet-tiny", "vgg16", dict(zip(_VGG16_CONVS, THINET_TINY_WIDTHS)), transform=_gap_transform,
+           note="conv widths " + ",".join(map(str, THINET_TINY_WIDTHS)) + "; " + _GAP_NOTE,
+           paper={"params_m": 1.32, "gflops": 2.01}),
+    Preset("resnet50-thinet-70", "resnet50_original", _resnet50_inner(0.7),
+           note="conv1/conv2 of every bottleneck keep 70%; conv3 and downsample untouched (residual-coupled)",
+           paper={"params_m": 16.94, "gflops": 4.88}),
+    Preset("resnet50-thinet-50", "resnet50_original", _resnet50_inner(0.5),
+           note="conv1/conv2 of every bottleneck keep 50%; conv3 and downsample untouched (residual-coupled)",
+           paper={"params_m": 12.38, "gflops": 3.41}),
+    Preset("resnet50-thinet-30", "resnet50_original", _resnet50_inner(0.3),
+           note="conv1/conv2 of every bottleneck keep 30%; conv3 and downsample untouched (residual-coupled)",
+           paper={"params_m": 8.66, "gflops": 2.20}),
+)})
+
+
+def get_preset(name: Union[str, Preset]) -> Preset:
+    """Look a preset up by name (a :class:`Preset` is returned as is)."""
+    if isinstance(name, Preset):
+        return name
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; one of: {', '.join(PRESETS)}") from None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def apply_preset_shapes(model: nn.Module, preset: Union[str, Preset], example_inputs=None, *,
+                        inplace: bool = False) -> nn.Module:
+    """The preset's pruned architecture by shape only: every producer keeps its *first*
+    n channels (no statistics), then the transform runs.
+
+    Works on the meta device (instant, no memory). ``example_inputs`` defaults to one
+    3x224x224 image. Returns a copy unless ``inplace=True``.
+    """
+    preset = get_preset(preset)
+    if example_inputs is None:
+        example_inputs = torch.zeros(1, 3, 224, 224, device=_device_of(model))
+    plan = find_units(model, example_inputs, units=preset.producers)
+    n_keep = preset.keep_for(plan)
+    target = model if inplace else copy.deepcopy(model)
+    for u in plan.units:
+        prune_unit_(target, u, torch.arange(n_keep[u.producer]))
+    if preset.transform is not None:
+        target = preset.transform(target)
+    return target
+
+
+def preset_architecture(preset: Union[str, Preset], num_classes: int = 1000,
+                        device: Union[str, torch.device] = "meta") -> nn.Module:
+    """Build the base and apply :func:`apply_preset_shapes` (on the meta device by default)."""
+    preset = get_preset(preset)
+    with torch.device(device):
+        base = preset.build_base(num_classes=num_classes)
+    return apply_preset_shapes(base, preset, torch.zeros(1, 3, 224, 224, device=device), inplace=True)

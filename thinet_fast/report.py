@@ -1,0 +1,147 @@
+"""Reports laid out like the paper's tables (params, FLOPs, MB, f./b. ms, top-1/top-5)."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .counting import count_flops, count_params, model_size_mb
+
+
+@dataclass
+class ModelStats:
+    params: int
+    flops: int
+    size_mb: float
+    forward_ms: float | None = None
+    backward_ms: float | None = None
+    top1: float | None = None
+    top5: float | None = None
+
+
+@dataclass
+class Report:
+    """Result of a pruning run. ``params``/``flops`` are the pruned model's."""
+
+    pruned: ModelStats
+    original: ModelStats | None = None
+    units: list[dict] = field(default_factory=list)
+    backend: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return self.pruned.params
+
+    @property
+    def flops(self) -> int:
+        return self.pruned.flops
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), default=str, **kw)
+
+    def table(self) -> str:
+        rows = [("Model", "Top-1", "Top-5", "#Param.", "#FLOPs", "Size (MB)", "f./b. (ms)")]
+        for name, s in (("original", self.original), ("pruned", self.pruned)):
+            if s is not None:
+                rows.append((name, _pct(s.top1), _pct(s.top5), _m(s.params), _g(s.flops), f"{s.size_mb:.2f}",
+                             _fb(s.forward_ms, s.backward_ms)))
+        out = [_fmt(rows)]
+        if self.units:
+            urows = [("producer", "consumer", "C", "kept", "method", "stats", "recon", "err sel", "err rec")]
+            for u in self.units:
+                urows.append((u["producer"], u["consumer"], str(u["channels"]), str(u["kept"]), u["method"],
+                              u["statistics"], u["reconstruction"], f"{u['error_selected']:.4f}",
+                              f"{u['error_reconstructed']:.4f}"))
+            out.append(_fmt(urows))
+        if self.backend:
+            out.append("backends: " + ", ".join(f"{k}={v}" for k, v in self.backend.items()))
+        out.extend(f"note: {n}" for n in self.notes)
+        return "\n\n".join(out)
+
+    __str__ = table
+
+
+def _pct(v):
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _m(v):
+    return f"{v / 1e6:.2f}M"
+
+
+def _g(v):
+    return f"{v / 1e9:.3f}G" if v >= 1e8 else f"{v / 1e6:.2f}M"
+
+
+def _fb(f, b):
+    return "-" if f is None else f"{f:.1f}/{b:.1f}"
+
+
+def _fmt(rows) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def model_stats(model: nn.Module, example: torch.Tensor) -> ModelStats:
+    return ModelStats(count_params(model), count_flops(model, example), model_size_mb(model))
+
+
+def measure_speed(model: nn.Module, example: torch.Tensor, *, batch_size: int = 32, warmup: int = 2,
+                  repeats: int = 5) -> tuple[float, float]:
+    """Forward and backward milliseconds per batch of ``batch_size`` on the model's device
+    (median of ``repeats``). The model's mode and gradients are restored afterwards."""
+    device = next(model.parameters()).device
+    x = example[:1].expand(batch_size, *example.shape[1:]).contiguous().to(device)
+    was_training = model.training
+    saved = [p.grad for p in model.parameters()]
+    buffers = [b.detach().clone() for b in model.buffers()]  # BN running stats move in train mode
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fwd, bwd = [], []
+    try:
+        model.train()
+        for i in range(warmup + repeats):
+            sync()
+            t0 = time.perf_counter()
+            out = model(x)
+            sync()
+            t1 = time.perf_counter()
+            out.float().sum().backward()
+            sync()
+            t2 = time.perf_counter()
+            if i >= warmup:
+                fwd.append(t1 - t0)
+                bwd.append(t2 - t1)
+    finally:
+        for p, g in zip(model.parameters(), saved):
+            p.grad = g
+        with torch.no_grad():
+            for b, old in zip(model.buffers(), buffers):
+                b.copy_(old)
+        model.train(was_training)
+    fwd.sort(), bwd.sort()
+    return 1e3 * fwd[len(fwd) // 2], 1e3 * bwd[len(bwd) // 2]
+
+
+def build_report(model: nn.Module, example: torch.Tensor, *, reference: nn.Module | None = None,
+                 units: list[dict] | None = None, config: dict | None = None, backend: dict | None = None,
+                 notes: list[str] | None = None) -> Report:
+    pruned = model_stats(model, example)
+    original = None
+    if reference is not None:  # the reference may live on another device than the pruned model
+        dev = next(iter(reference.parameters()), example).device
+        original = model_stats(reference, example.to(dev))
+    return Report(pruned, original, list(units or []), dict(backend or {}), dict(config or {}), list(notes or []))

@@ -1,0 +1,263 @@
+"""Save and load pruned models without rebuilding their shapes by hand.
+
+File format (``torch.save`` of a plain dict; format tag ``"thinet_fast.model"``, version 1)::
+
+    {
+      "format": "thinet_fast.model", "version": 1, "torch": "<torch version>",
+      "state_dict": {...},              # every parameter and persistent buffer
+      "extra_buffers": {...},           # non-persistent buffers (not in state_dict)
+      "spec": {fqn: {"type": ..., args}},  # shapes of Conv/Linear/BN/PReLU/adaptive pools
+      "training": {fqn: bool},
+      "skeleton": b"...",               # the module tree pickled on the meta device (no data)
+      "meta": {...},                    # caller's JSON-like metadata
+    }
+
+Everything except ``skeleton`` loads with ``torch.load(weights_only=True)``, so the outer
+file is opened safely and its tag checked first. Then there are two ways back:
+
+- ``load(path)``: unpickle the skeleton (``weights_only=False``: this runs pickled Python,
+  so only load files you trust) and fill it with the state dict. Needs the model's
+  classes importable, nothing else.
+- ``load(path, base=builder())``: no unpickling at all. Start from a model of the same
+  architecture (e.g. ``torchvision.models.vgg16()``), rebuild every module whose shape
+  or type differs from ``spec`` (Conv2d, Linear, BatchNorm1d/2d, PReLU, adaptive pools,
+  so a ThiNet-GAP head is recreated too), then load the state dict strictly.
+
+Weights are stored once (the skeleton holds meta tensors only).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+from typing import Any, BinaryIO, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .units import get_module, set_module
+
+__all__ = ["save", "load", "load_meta", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "thinet_fast.model"
+FORMAT_VERSION = 1
+
+PathLike = Union[str, os.PathLike, BinaryIO]
+
+
+# --------------------------------------------------------------------------- spec
+def _spec_of(m: nn.Module) -> Optional[dict[str, Any]]:
+    """Constructor arguments of the modules whose shape pruning can change."""
+    t = type(m)
+    if t is nn.Conv2d:
+        return {"type": "Conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
+                "kernel_size": tuple(m.kernel_size), "stride": tuple(m.stride),
+                "padding": m.padding if isinstance(m.padding, str) else tuple(m.padding),
+                "dilation": tuple(m.dilation), "groups": m.groups, "bias": m.bias is not None,
+                "padding_mode": m.padding_mode, "dtype": str(m.weight.dtype)}
+    if t is nn.Linear:
+        return {"type": "Linear", "in_features": m.in_features, "out_features": m.out_features,
+                "bias": m.bias is not None, "dtype": str(m.weight.dtype)}
+    if t in (nn.BatchNorm1d, nn.BatchNorm2d):
+        ref = m.weight if m.weight is not None else m.running_mean
+        return {"type": t.__name__, "num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
+                "affine": m.affine, "track_running_stats": m.track_running_stats,
+                "dtype": str(ref.dtype) if ref is not None else "torch.float32"}
+    if t is nn.PReLU:
+        return {"type": "PReLU", "num_parameters": m.num_parameters, "dtype": str(m.weight.dtype)}
+    if t in (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d):
+        os_ = m.output_size
+        return {"type": t.__name__, "output_size": tuple(os_) if isinstance(os_, (tuple, list)) else os_}
+    return None
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name.replace("torch.", ""), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in saved spec")
+    return dt
+
+
+def _build(spec: dict[str, Any]) -> nn.Module:
+    s = dict(spec)
+    kind = s.pop("type")
+    kw = {"device": "meta"}
+    if "dtype" in s:
+        kw["dtype"] = _dtype(s.pop("dtype"))
+    if kind == "Conv2d":
+        return nn.Conv2d(**s, **kw)
+    if kind == "Linear":
+        return nn.Linear(**s, **kw)
+    if kind in ("BatchNorm1d", "BatchNorm2d"):
+        return getattr(nn, kind)(**s, **kw)
+    if kind == "PReLU":
+        return nn.PReLU(**s, **kw)
+    if kind in ("AdaptiveAvgPool2d", "AdaptiveMaxPool2d"):
+        return getattr(nn, kind)(s["output_size"])
+    raise ValueError(f"cannot rebuild a {kind} from a saved spec")
+
+
+def _matches(m: nn.Module, spec: dict[str, Any]) -> bool:
+    have = _spec_of(m)
+    return have is not None and have == spec
+
+
+# --------------------------------------------------------------------------- skeleton
+def _skeleton_bytes(model: nn.Module) -> bytes:
+    # Deep copy with every parameter/buffer pre-mapped to a meta tensor: the module tree
+    # (classes, attributes, ties between parameters) without copying any data.
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in memo:
+            continue
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    skeleton = copy.deepcopy(model, memo)
+    buf = io.BytesIO()
+    torch.save(skeleton, buf)
+    return buf.getvalue()
+
+
+def _extra_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for fqn, m in model.named_modules():
+        for name in m._non_persistent_buffers_set:
+            b = m._buffers.get(name)
+            if b is not None:
+                out[f"{fqn}.{name}" if fqn else name] = b.detach()
+    return out
+
+
+def save(model: nn.Module, path: PathLike, *, meta: Optional[dict] = None, skeleton: bool = True) -> None:
+    """Write ``model`` (pruned or not) so that :func:`load` gives it back as is.
+
+    Args:
+        model: the model.
+        path: file path or binary file object.
+        meta: optional metadata (plain Python values: str/int/float/bool/None, lists,
+            dicts), readable without the model via :func:`load_meta`.
+        skeleton: also store the pickled module tree (default). Without it,
+            :func:`load` needs ``base=``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save: expected an nn.Module, got {type(model).__name__}")
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        raise ValueError("save: the model has meta tensors (no data); materialise it first")
+    payload = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "torch": str(torch.__version__),
+        "state_dict": {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()},
+        "extra_buffers": _extra_buffers(model),
+        "spec": {fqn: s for fqn, m in model.named_modules() if (s := _spec_of(m)) is not None},
+        "training": {fqn: m.training for fqn, m in model.named_modules()},
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "meta": dict(meta or {}),
+        "skeleton": None,
+    }
+    if skeleton:
+        try:
+            payload["skeleton"] = _skeleton_bytes(model)
+        except Exception as exc:
+            raise RuntimeError(
+                f"save: cannot pickle the module tree of {type(model).__name__} ({type(exc).__name__}: {exc}). "
+                "Remove hooks/lambdas from the model, or pass skeleton=False and load with base=<same architecture>."
+            ) from exc
+    torch.save(payload, path)
+
+
+def _read(path: PathLike, map_location) -> dict:
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"load: {path!r} is not a thinet_fast model file (torch.load(weights_only=True) "
+                         f"failed: {type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"load: {path!r} is not a thinet_fast model file (no '{FORMAT}' format tag); "
+                         "for a plain state_dict use model.load_state_dict(torch.load(...))")
+    if payload.get("version") != FORMAT_VERSION:
+        raise ValueError(f"load: {path!r} has format version {payload.get('version')}, this thinet_fast "
+                         f"reads version {FORMAT_VERSION}")
+    return payload
+
+
+def load_meta(path: PathLike) -> dict:
+    """The ``meta`` dict stored by :func:`save` (safe: no unpickling of code)."""
+    return dict(_read(path, "cpu")["meta"])
+
+
+def _rebuild_base(base: nn.Module, spec: dict[str, dict]) -> nn.Module:
+    # Parents before children, so a replaced container's children are not visited.
+    for fqn in sorted(spec, key=lambda f: f.count(".") if f else -1):
+        s = spec[fqn]
+        if fqn == "":
+            if not _matches(base, s):
+                raise ValueError(f"load(base=...): the root is a {type(base).__name__}, the saved root is a {s['type']}")
+            continue
+        parent_fqn, _, name = fqn.rpartition(".")
+        try:
+            parent = get_module(base, parent_fqn)
+        except KeyError as exc:
+            raise ValueError(f"load(base=...): the base has no `{parent_fqn}` to hold saved module `{fqn}`; "
+                             "build the base with the same architecture") from exc
+        cur = parent._modules.get(name)
+        if cur is None or not _matches(cur, s):
+            if name not in parent._modules:
+                parent.add_module(name, _build(s))
+            else:
+                set_module(base, fqn, _build(s))
+    return base
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _get_param(model: nn.Module, name: str) -> nn.Parameter:
+    mod_fqn, _, pname = name.rpartition(".")
+    return getattr(get_module(model, mod_fqn), pname)
+
+
+def load(path: PathLike, map_location=None, *, base: Optional[nn.Module] = None) -> nn.Module:
+    """Load a model written by :func:`save`.
+
+    Args:
+        path: file path or binary file object.
+        map_location: as in ``torch.load`` (e.g. ``"cpu"``).
+        base: optional model of the same architecture (e.g. ``vgg16()``); it is reshaped
+            from the saved spec and filled, and nothing is unpickled. Without it the saved
+            module tree is unpickled: only load files you trust.
+    """
+    payload = _read(path, map_location)
+    state = payload["state_dict"]
+    if base is not None:
+        if not isinstance(base, nn.Module):
+            raise TypeError(f"load: base must be an nn.Module, got {type(base).__name__}")
+        model = _rebuild_base(base, payload["spec"])
+    else:
+        blob = payload.get("skeleton")
+        if blob is None:
+            raise ValueError(f"load: {path!r} was saved with skeleton=False; pass base=<a model of the same architecture>")
+        model = torch.load(io.BytesIO(blob), weights_only=False)  # tag checked above; trusted files only
+    ties = _tied_groups(model)
+    model.load_state_dict(state, strict=True, assign=True)
+    for names in ties:  # assign=True makes one Parameter per key: tie them again
+        first = _get_param(model, names[0])
+        for other in names[1:]:
+            mod_fqn, _, pname = other.rpartition(".")
+            setattr(get_module(model, mod_fqn), pname, first)
+    for key, buf in payload.get("extra_buffers", {}).items():
+        mod_fqn, _, name = key.rpartition(".")
+        get_module(model, mod_fqn)._buffers[name] = buf
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"load: no data for {left[:5]}{' ...' if len(left) > 5 else ''}; the file does not match "
+                         "the model")
+    for fqn, m in model.named_modules():
+        flag = payload.get("training", {}).get(fqn)
+        if flag is not None:
+            m.training = flag
+    return model
