@@ -136,8 +136,8 @@ def test_bad_block_rejected():
 def test_patch_moments(case, dtype):
     geo, x, kernel, img, oy, ox, k, blocks = _inputs(case, dtype)
     kw = {}
-    if "block_c" in blocks:  # small tiles: C·t is not a multiple of the block
-        kw["block_d"] = 32
+    if "block_c" in blocks:  # several tiles: C·t = 360 is not a multiple of the block
+        kw["block_d"] = 128
     if "block_s" in blocks:
         kw["block_s"] = blocks["block_s"]
     P, zsum = tri.patch_moments_triton(x, geo, img, oy, ox, **kw)
@@ -160,7 +160,7 @@ def test_patch_moments_public_dispatch():
 # ----------------------------------------------------------------- G from P
 GFC_CASES = {  # name: (K, C, kernel tail shape, overrides)
     "3x3_C13": (6, 13, (3, 3), {}),
-    "3x3_C40_blk16": (37, 40, (3, 3), {"block_c": 16, "block_k": 16}),
+    "3x3_C20_K21_blk16": (21, 20, (3, 3), {"block_c": 16, "block_k": 16}),  # C and K not multiples of 16
     "1x1_C5": (4, 5, (1, 1), {}),
     "linear_t4_C5": (9, 5, (4, 1), {}),
     "linear_t1_C13": (7, 13, (1, 1), {}),

@@ -194,8 +194,9 @@ def test_shared_stateful_follower_refused():
 
 
 def test_linear_producer_with_batchnorm1d():
-    m = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.GELU(), nn.Linear(8, 3))
-    plan = find_units(m, torch.randn(4, 3, 2, 2))
+    m = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.GELU(), nn.Linear(8, 3)).train()
+    plan = find_units(m, torch.randn(1, 3, 2, 2))  # batch of one: the shape pass runs in eval mode
+    assert m.training and m[2].training
     u = plan["1"]
     assert (u.producer_kind, u.consumer, u.followers, u.taps, u.flatten) == ("linear", "4", ("2", "3"), 1, False)
 

@@ -35,7 +35,7 @@ __all__ = [
     "DemoResNet",
 ]
 
-#: torchvision VGG-16 ("D") conv widths; 'M' = 2x2 max-pool.
+#: torchvision VGG-16 ("D") conv widths, conv1_1 .. conv5_3 (max-pools after 2, 4, 7, 10, 13).
 VGG16_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 #: ThiNet-Tiny conv widths (paper, Table 3).
 THINET_TINY_WIDTHS = (16, 16, 32, 32, 64, 64, 64, 128, 128, 128, 128, 128, 256)
@@ -124,13 +124,15 @@ def gap_head_(model: nn.Module, num_classes: Optional[int] = None) -> nn.Module:
     The new head is freshly initialised (``N(0, 0.01)``, zero bias) and must be trained
     (ThiNet-GAP/Tiny fine-tune it). ``num_classes`` defaults to the old head's output.
     """
+    if not all(isinstance(getattr(model, a, None), nn.Module) for a in ("features", "classifier")):
+        raise TypeError(f"gap_head_ expects a VGG-style model with .features and .classifier, "
+                        f"got {type(model).__name__}")
     convs = [m for m in model.features.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError("gap_head_: model.features has no Conv2d")
     c_last = convs[-1].out_channels
     if num_classes is None:
-        lins = [m for m in model.classifier.modules() if isinstance(m, nn.Linear)] \
-            if isinstance(model.classifier, nn.Module) else []
+        lins = [m for m in model.classifier.modules() if isinstance(m, nn.Linear)]
         if not lins:
             raise ValueError("gap_head_: cannot infer num_classes from model.classifier; pass num_classes")
         num_classes = lins[-1].out_features
@@ -211,7 +213,7 @@ class DemoResNet(nn.Module):
     Stem: 3x3 conv (16) -> BN -> ReLU -> 2x2 max-pool (28 -> 14). Stages, as
     (mid, out, blocks, stride): (8, 32, 1, 1), (16, 64, 2, 2), (64, 256, 1, 2); each
     stage's first block has a downsample path (1x1 conv + BN), the second block of stage
-    2 is an identity block. ~100K parameters, ~4 MFLOPs per image. Prunable units:
+    2 is an identity block. ~90K parameters, ~4.6 MFLOPs per image. Prunable units:
     conv1 and conv2 of every block (conv3, the downsample and the stem feed residual adds
     and are refused).
     """

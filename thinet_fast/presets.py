@@ -12,12 +12,29 @@ then ``preset.transform(model)``.
 e.g. on the meta device.
 
 Rounding rule: a fraction keeps ``floor(C * fraction)`` channels (at least 1), e.g. 70% of
-64 = 44.8 -> 44. This is the rule that reproduces the paper exactly: ResNet-50
-ThiNet-70/50/30 count 16.94M / 12.38M / 8.66M parameters and 4.88 / 3.41 / 2.20 GFLOPs
-(ResNet v1, 224x224, 2 x MACs of conv+linear), as printed in the paper. Rounding to
-nearest (``rounding="round"``: 45 of 64) gives 16.96M / 12.38M / 8.70M and 4.92 / 3.41 /
-2.21 GFLOPs instead; the VGG presets are the same under both rules (50% of even widths,
-or absolute counts).
+64 = 44.8 -> 44. This is the rule that reproduces the paper. Counted on one 224x224
+image (ResNet v1; FLOPs = 2 x MACs of conv+linear; params with and without the
+conv/linear biases, the paper counting without):
+
+==========  ==========  ======================  =============  ======================
+preset      params      params without biases   FLOPs          paper prints
+==========  ==========  ======================  =============  ======================
+VGG-16      138,357,544 138,344,128             30,940,528,640 138.34M, 30.94G
+ThiNet-Conv 131,452,552 131,440,480             9,582,411,776  131.44M, 9.58G
+ThiNet-GAP    8,322,696   8,318,816             9,336,168,448  8.32M, 9.34G
+ThiNet-Tiny   1,325,368   1,323,184             2,009,157,632  1.32M, 2.01G
+ResNet-50    25,557,032  25,556,032             7,715,946,496  25.56M, 7.72G
+ThiNet-70    16,945,246  16,944,246             4,880,052,680  16.94M, 4.88G
+ThiNet-50    12,381,864  12,380,864             3,412,852,736  12.38M, 3.41G
+ThiNet-30     8,665,318   8,664,318             2,194,985,078  8.66M, 2.20G
+==========  ==========  ======================  =============  ======================
+
+Every printed figure matches except ThiNet-30's FLOPs, which sit 15K FLOPs (0.0007%)
+below the 2.195G rounding boundary: any tiny extra term in the authors' count (pooling,
+bias adds) prints as 2.20. Rounding to nearest instead (``rounding="round"``, 45 of 64)
+gives 16,959,305 / 12,381,864 / 8,704,945 parameters (16.96M / 12.38M / 8.70M with
+biases) and 4.92 / 3.41 / 2.20 GFLOPs: ThiNet-70's 4.92G is not the paper's 4.88G. The
+VGG presets are the same under both rules (halves of even widths, or absolute counts).
 
 Heads: the GAP/Tiny head is a *new* ``Linear(512 or 256 -> num_classes)``, freshly
 initialised; it must be fine-tuned (the paper trains it).

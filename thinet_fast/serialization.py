@@ -8,6 +8,7 @@ File format (``torch.save`` of a plain dict; format tag ``"thinet_fast.model"``,
       "extra_buffers": {...},           # non-persistent buffers (not in state_dict)
       "spec": {fqn: {"type": ..., args}},  # shapes of Conv/Linear/BN/PReLU/adaptive pools
       "training": {fqn: bool},
+      "modules": {fqn: "module.Class"},   # the saved module tree
       "skeleton": b"...",               # the module tree pickled on the meta device (no data)
       "meta": {...},                    # caller's JSON-like metadata
     }
@@ -21,7 +22,9 @@ file is opened safely and its tag checked first. Then there are two ways back:
 - ``load(path, base=builder())``: no unpickling at all. Start from a model of the same
   architecture (e.g. ``torchvision.models.vgg16()``), rebuild every module whose shape
   or type differs from ``spec`` (Conv2d, Linear, BatchNorm1d/2d, PReLU, adaptive pools,
-  so a ThiNet-GAP head is recreated too), then load the state dict strictly.
+  so a ThiNet-GAP head is recreated too), drop children the saved model does not have,
+  refuse any other difference in the module tree (``modules``: fqn -> class), then load
+  the state dict strictly.
 
 Weights are stored once (the skeleton holds meta tensors only).
 """
@@ -35,7 +38,7 @@ from typing import Any, BinaryIO, Optional, Union
 import torch
 import torch.nn as nn
 
-from .units import get_module, set_module
+from .units import get_module
 
 __all__ = ["save", "load", "load_meta", "FORMAT", "FORMAT_VERSION"]
 
@@ -151,6 +154,7 @@ def save(model: nn.Module, path: PathLike, *, meta: Optional[dict] = None, skele
         "extra_buffers": _extra_buffers(model),
         "spec": {fqn: s for fqn, m in model.named_modules() if (s := _spec_of(m)) is not None},
         "training": {fqn: m.training for fqn, m in model.named_modules()},
+        "modules": {fqn: _class_name(m) for fqn, m in model.named_modules()},
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "meta": dict(meta or {}),
         "skeleton": None,
@@ -186,14 +190,16 @@ def load_meta(path: PathLike) -> dict:
     return dict(_read(path, "cpu")["meta"])
 
 
-def _rebuild_base(base: nn.Module, spec: dict[str, dict]) -> nn.Module:
-    # Parents before children, so a replaced container's children are not visited.
-    for fqn in sorted(spec, key=lambda f: f.count(".") if f else -1):
-        s = spec[fqn]
+def _class_name(m: nn.Module) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def _rebuild_base(base: nn.Module, spec: dict[str, dict], saved: dict[str, str]) -> nn.Module:
+    """Make ``base``'s module tree equal to the saved one: rebuild modules whose spec
+    differs, drop children the saved model does not have, refuse other differences."""
+    for fqn in sorted(saved, key=lambda f: f.count(".") if f else -1):  # parents first
         if fqn == "":
-            if not _matches(base, s):
-                raise ValueError(f"load(base=...): the root is a {type(base).__name__}, the saved root is a {s['type']}")
-            continue
+            continue  # the root may be any class with the same submodules
         parent_fqn, _, name = fqn.rpartition(".")
         try:
             parent = get_module(base, parent_fqn)
@@ -201,11 +207,20 @@ def _rebuild_base(base: nn.Module, spec: dict[str, dict]) -> nn.Module:
             raise ValueError(f"load(base=...): the base has no `{parent_fqn}` to hold saved module `{fqn}`; "
                              "build the base with the same architecture") from exc
         cur = parent._modules.get(name)
-        if cur is None or not _matches(cur, s):
-            if name not in parent._modules:
-                parent.add_module(name, _build(s))
-            else:
-                set_module(base, fqn, _build(s))
+        if fqn in spec:
+            if cur is None or not _matches(cur, spec[fqn]):
+                parent.add_module(name, _build(spec[fqn]))  # replaces or adds
+        elif cur is None:
+            raise ValueError(f"load(base=...): the base has no module `{fqn}` ({saved[fqn]})")
+        elif _class_name(cur) != saved[fqn]:
+            raise ValueError(f"load(base=...): base module `{fqn}` is a {_class_name(cur)}, "
+                             f"the saved one a {saved[fqn]}; build the base with the same architecture")
+    # children the saved model does not have (e.g. fc7/fc8 after a GAP head)
+    for fqn, _ in sorted(base.named_modules(), key=lambda kv: -kv[0].count(".")):
+        if fqn and fqn not in saved:
+            parent_fqn, _, name = fqn.rpartition(".")
+            if parent_fqn in saved or parent_fqn == "":
+                del get_module(base, parent_fqn)._modules[name]
     return base
 
 
@@ -236,7 +251,7 @@ def load(path: PathLike, map_location=None, *, base: Optional[nn.Module] = None)
     if base is not None:
         if not isinstance(base, nn.Module):
             raise TypeError(f"load: base must be an nn.Module, got {type(base).__name__}")
-        model = _rebuild_base(base, payload["spec"])
+        model = _rebuild_base(base, payload["spec"], payload["modules"])
     else:
         blob = payload.get("skeleton")
         if blob is None:

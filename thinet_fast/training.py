@@ -106,10 +106,9 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size or max(1, steps // 3), gamma=gamma)
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    if teacher is not None:
-        teacher = teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    teacher_was_training = teacher.training if teacher is not None else False
+    if teacher is not None:  # its forward runs under no_grad; its flags stay the caller's
+        teacher.to(device).eval()
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -134,7 +133,8 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
                 loss.backward()
                 opt.step()
                 sched.step()
-                running = float(loss) if math.isnan(running) else 0.9 * running + 0.1 * float(loss)
+                lv = float(loss.detach())
+                running = lv if math.isnan(running) else 0.9 * running + 0.1 * lv
                 done += 1
                 if bar is not None:
                     bar.update(1)
@@ -148,6 +148,8 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
         if bar is not None:
             bar.close()
         model.train(was_training)
+        if teacher is not None:
+            teacher.train(teacher_was_training)
     return {"steps": done, "loss": running}
 
 

@@ -26,7 +26,6 @@ from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = [
     "Unit",
@@ -295,14 +294,19 @@ class _ShapeRecorder(fx.Interpreter):
 
 
 @contextlib.contextmanager
-def preserved_buffers(model: nn.Module):
-    """Restore every buffer's value on exit. Fake-tensor mode still bumps 0-dim CPU
-    buffers in place (BatchNorm's num_batches_tracked in training mode), and a real
-    fallback forward would update running stats: a shape pass must not change the model."""
+def shape_pass(model: nn.Module):
+    """Context for a forward that only needs shapes: the model is in eval mode inside
+    (BatchNorm then accepts a batch of one, dropout is off), and every module's
+    train/eval flag and every buffer's value are restored on exit (fake-tensor mode
+    still bumps 0-dim CPU buffers such as num_batches_tracked in place)."""
+    flags = [(m, m.training) for m in model.modules()]
     saved = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]
+    model.eval()
     try:
         yield
     finally:
+        for m, flag in flags:
+            m.training = flag
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
@@ -312,7 +316,7 @@ def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, inputs: tuple[torch.
     """Record every node's output shape. Runs on fake (or meta) tensors: no compute, and
     the model's parameters and buffers are left as they were."""
     on_meta = any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers())
-    with torch.no_grad(), preserved_buffers(model):
+    with torch.no_grad(), shape_pass(model):
         if on_meta:
             _ShapeRecorder(gm).run(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs])
             return

@@ -12,11 +12,19 @@ tap dot, and accumulates ``X_iᵀ X_j`` with ``tl.dot`` in float32. The sample s
 tile write disjoint float32 partials that the host sums (deterministic, no atomics); the
 lower triangle is mirrored from the upper one.
 
+The price of not writing X: each tile pair forms its own two blocks of X, so the gather
+and tap dot run about ceil(C / BLOCK_C) times per sample (8 times for C = 512), against
+C²/2 multiply-adds of the Gram product per sample. The alternative (write X for bounded
+sample chunks, then one matmul) has not been measured against it yet.
+
 Tiles: on a GPU BLOCK_S=32, BLOCK_C=64, 8 warps (module constants), ``tl.dot`` with
 ``input_precision="ieee"`` (exact fp32 products; pass "tf32x3" or "tf32" to trade
-accuracy for tensor-core speed). In the interpreter (TRITON_INTERPRET=1) the defaults
-become one tile covering all of C and 256-sample blocks, since every block-iteration
-costs milliseconds there.
+accuracy for tensor-core speed). This tile compiles without register spills for sm_90
+(ptxas -v; 4 warps spilled); its speed has not been measured on a GPU yet. Maps whose
+channels are strided are copied to channels-last first on a GPU when the gather is large
+enough to pay for it (``maybe_channels_last``). In the interpreter (TRITON_INTERPRET=1)
+the defaults become one tile covering all of C (up to 128) and 256-sample blocks, since
+every block-iteration costs milliseconds there.
 """
 from __future__ import annotations
 

@@ -1,0 +1,58 @@
+"""torch.distributed statistics: two gloo processes, each on half the images, must
+give the statistics of one process on all of them (full statistics at every location
+are deterministic, so the sums must agree)."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import thinet_fast as tf
+from thinet_fast.models import DemoResNet
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = DemoResNet().eval()
+    x = torch.randn(12, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    units = tf.find_units(model, x[:1]).units[:3]
+    return model, x, units
+
+
+def _collect(model, units, x):
+    return tf.collect_statistics(model, units, [x[i:i + 3] for i in range(0, len(x), 3)], statistics="full",
+                                 samples_per_image=None, num_images=len(x), dtype=torch.float64)
+
+
+def _worker(rank, world, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, x, units = _setup()
+        shard = x[rank::world]
+        stats = _collect(model, units, shard)
+        if rank == 0:
+            torch.save({p: (s.gram, s.cov, s.patch_sum, s.zeros, s.count, s.patch_count, s.elements)
+                        for p, s in stats.items()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_two_processes_equal_one(tmp_path):
+    out = tmp_path / "stats.pt"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    model, x, units = _setup()
+    want = _collect(model, units, x)
+    for u in units:
+        g = got[u.producer]
+        w = want[u.producer]
+        err = (g[0] - w.gram).abs().max().item() / w.gram.abs().max().item()
+        print(u.producer, "relative gram error", err)
+        assert err < 1e-10
+        assert torch.allclose(g[1], w.cov, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(g[2], w.patch_sum, rtol=1e-10, atol=1e-10)
+        assert torch.equal(g[3], w.zeros)
+        assert (g[4], g[5], g[6]) == (w.count, w.patch_count, w.elements)
