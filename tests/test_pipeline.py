@@ -202,3 +202,19 @@ def test_keep_dict_prunes_only_listed_units():
     assert get(res.model, fc).out_features == round(units[-1].channels * 0.25)
     assert get(res.model, other).out_channels == get(model, other).out_channels
     assert res.model(_data()[0][0]).shape == (8, 10)
+
+
+def test_preset_through_prune_gives_the_paper_architecture():
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16(weights=None).eval()
+    data = [torch.randn(2, 3, 32, 32)]  # statistics only need the convs; 32x32 keeps it quick
+    res = tf.prune(model, data, preset="vgg16-thinet-gap", keep=None, num_images=2, samples_per_image=3,
+                   statistics="sampled", progress=False)
+    params = tf.count_params(res.model)
+    flops = tf.count_flops(res.model, torch.randn(1, 3, 224, 224))
+    print("ThiNet-GAP via prune():", params, flops)
+    assert round(params / 1e6, 2) == 8.32
+    assert round(flops / 1e9, 2) == 9.34
+    assert res.model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    assert any("vgg16-thinet-gap" in n for n in res.report.notes)

@@ -29,11 +29,11 @@ class DemoSettings:
     models: tuple[str, ...] = ("vgg", "resnet")
     methods: tuple[str, ...] = DEMO_METHODS
     keep: float = 0.5
-    train_epochs: float = 2.0
-    train_limit: int | None = None       # images of the training set to use (None = 60k)
+    train_epochs: float = 1.0
+    train_limit: int | None = 30000      # images of the training set to use (None = 60k)
     calib_per_class: int = 50            # paper: 10 per class on ImageNet
     samples_per_image: int = 10
-    finetune_steps: int = 300
+    finetune_steps: int = 60
     eval_limit: int | None = None
     batch_size: int = 128
     schedule: str = "sequential"
