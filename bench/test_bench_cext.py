@@ -2,7 +2,7 @@
 
 One padded batch of 13 problems, C = 64, 64, 128, 128, 256, 256, 256, 512 x 6, float64
 Gram matrices X^T X of random X; greedy removal runs to the end (n = C - 1), forward
-least squares keeps half. Correctness is checked before anything is timed; the speed-up
+least squares keeps an eighth (the reference needs seconds per problem beyond that). Correctness is checked before anything is timed; the speed-up
 over the reference is stored in the benchmark's extra_info ("speedup_vs_ref").
 
     .venv/bin/python -m pytest bench/test_bench_cext.py --benchmark-only -q
@@ -74,7 +74,7 @@ def test_bench_keep_ls_cext_vs_ref(benchmark, cext, vgg_batch):
     from thinet_fast.ops.cext import greedy_keep_ls_cext
 
     G, sizes = vgg_batch
-    n = sizes // 2
+    n = sizes // 8
     t0 = time.perf_counter()
     k_ref, w_ref = _greedy_keep_ls_core_ref(G, sizes, n, 1e-8)
     t_ref = time.perf_counter() - t0  # one run: the reference is slow
@@ -84,8 +84,8 @@ def test_bench_keep_ls_cext_vs_ref(benchmark, cext, vgg_batch):
     assert torch.equal(k, k_ref)
     torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-9)
 
-    benchmark.group = "keep_ls VGG-16 batch (13 problems, float64, n = C/2)"
-    benchmark.pedantic(greedy_keep_ls_cext, args=(G, sizes, n, 1e-8), rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.group = "keep_ls VGG-16 batch (13 problems, float64, n = C/8)"
+    benchmark.pedantic(greedy_keep_ls_cext, args=(G, sizes, n, 1e-8), rounds=10, iterations=1, warmup_rounds=1)
     t_c = benchmark.stats.stats.median if benchmark.stats is not None else float("nan")
     benchmark.extra_info.update(ref_s=t_ref, cext_median_s=t_c, speedup_vs_ref=t_ref / t_c,
                                 omp_threads=cext.omp_max_threads())

@@ -8,10 +8,13 @@
 //   * by NVRTC at run time for the cupy path (thinet_fast/ops/cupy_backend.py reads
 //     this file and greedy_kernels.cuh, so keep it free of includes under NVRTC).
 //
-// The loops take (begin, end, stride): a host thread passes (0, C, 1), a CUDA thread
-// passes (threadIdx.x, C, blockDim.x). Each running-sum entry r is only ever touched by
-// the thread that owns r, so no synchronisation is needed between the update of one
-// step and the scan of the next.
+// The parallel loops run over r = begin, begin + stride, ... < Cb (the problem's size):
+// the host passes (0, 1), a CUDA thread (threadIdx.x, blockDim.x). Each running-sum
+// entry r is only ever touched by the thread that owns r, so no synchronisation is
+// needed between the update of one step and the scan of the next. The host's greedy
+// argmin uses greedy_remove_argmin, a two-pass serial form of the same scan (same
+// result, faster on a CPU); greedy_cpu.cpp can also run the CUDA decomposition serially
+// (sim_threads) so the tests exercise it without a GPU.
 //
 // Greedy removal must be bit-for-bit identical to the torch reference
 // (_greedy_remove_core_ref): score = g_ii + 2*a_i, E = E + score, a_r = a_r + G[r, i*],

@@ -160,10 +160,14 @@ def test_channels_last_and_strided_inputs(case):
     assert max(rels) <= TOL[torch.float16]
 
 
-def test_bad_block_rejected():
+def test_bad_arguments_rejected():
     geo, x, kernel, img, oy, ox, k, _ = _inputs("1x1_C5", torch.float32)
     with pytest.raises(ValueError, match="power of two"):
         tri.sampled_gram_triton(x, kernel, geo, img, oy, ox, k, block_c=24)
+    with pytest.raises(IndexError, match="img"):
+        tri.sampled_gram_triton(x, kernel, geo, img.cpu() + x.shape[0], oy, ox, k)
+    with pytest.raises(IndexError, match="k holds"):
+        tri.sampled_gram_triton(x, kernel, geo, img, oy, ox, k.cpu() + kernel.shape[0])
 
 
 # ----------------------------------------------------------------- patch moments

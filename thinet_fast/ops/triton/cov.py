@@ -138,7 +138,8 @@ def patch_moments_triton(x, geometry, img, oy, ox, *, acc_dtype: torch.dtype = t
     N, C, H, W = x.shape
     T = geometry.taps
     D = C * T
-    img, oy, ox = (as_index(v, dev, n) for v, n in ((img, "img"), (oy, "oy"), (ox, "ox")))
+    oh, ow = geometry.out_size(H, W)
+    img, oy, ox = (as_index(v, dev, n, b) for v, n, b in ((img, "img", N), (oy, "oy", oh), (ox, "ox", ow)))
     S = img.numel()
     if not (oy.numel() == ox.numel() == S):
         raise ValueError(f"{op}: img, oy and ox must have the same length")

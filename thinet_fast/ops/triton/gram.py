@@ -128,10 +128,15 @@ def maybe_channels_last(x: torch.Tensor, gathered: int, channels_last: bool | No
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def as_index(v: torch.Tensor, device, name: str) -> torch.Tensor:
+def as_index(v: torch.Tensor, device, name: str, bound: int | None = None) -> torch.Tensor:
+    """int64 contiguous indices on ``device``. Host indices (sample_locations draws them on
+    the CPU) are checked against ``bound`` for free; the kernels mask out-of-map rows and
+    columns but trust the image and output-channel indices."""
     v = torch.as_tensor(v)
     if v.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an integer tensor; got {v.dtype}")
+    if bound is not None and v.device.type == "cpu" and v.numel() and (int(v.min()) < 0 or int(v.max()) >= bound):
+        raise IndexError(f"{name} holds indices outside [0, {bound})")
     return v.reshape(-1).to(device=device, dtype=torch.int64).contiguous()
 
 
@@ -234,7 +239,9 @@ def sampled_gram_triton(x, kernel, geometry, img, oy, ox, k, *, acc_dtype: torch
     K = kernel.shape[0]
     if kernel.shape[1] != C:
         raise ValueError(f"{op}: the kernel reads {kernel.shape[1]} channels but the input has {C}")
-    img, oy, ox, k = (as_index(v, dev, n) for v, n in ((img, "img"), (oy, "oy"), (ox, "ox"), (k, "k")))
+    oh, ow = geometry.out_size(H, W)
+    img, oy, ox, k = (as_index(v, dev, n, b) for v, n, b in
+                      ((img, "img", N), (oy, "oy", oh), (ox, "ox", ow), (k, "k", K)))
     S = img.numel()
     if not (oy.numel() == ox.numel() == k.numel() == S):
         raise ValueError(f"{op}: img, oy, ox and k must have the same length")
