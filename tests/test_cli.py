@@ -27,8 +27,13 @@ def test_prune_report_finetune_round_trip(tmp_path, capsys):
     out, rep = tmp_path / "pruned.pt", tmp_path / "report.json"
     assert main(["prune", "--model", "demo-vgg", "--data", "fashion-mnist", "--per-class", "3",
                  "--num-images", "30", "--keep", "0.5", "--method", "thinet", "--workers", "0",
-                 "--batch-size", "16", "--output", str(out), "--json", str(rep)]) == 0
+                 "--batch-size", "16", "--output", str(out), "--json", str(rep),
+                 "--eval-data", "fashion-mnist", "--eval-batches", "2", "--speed"]) == 0
     report = json.loads(rep.read_text())
+    for which in ("pruned", "original"):
+        r = report[which]
+        assert 0.0 <= r["top1"] <= r["top5"] <= 1.0
+        assert r["forward_ms"] > 0 and r["backward_ms"] > 0
     model = tf.load(out)
     assert report["pruned"]["params"] == tf.count_params(model)
     assert report["pruned"]["params"] < report["original"]["params"]

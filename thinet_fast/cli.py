@@ -94,25 +94,18 @@ def cmd_prune(args):
         options["finetune"] = tf.finetune_callback(train, teacher=teacher, steps=args.finetune_steps,
                                                    lr=args.lr, device=args.device)
     result = tf.prune(model, calib, **options)
-    if args.eval_data:
-        _evaluate_into(result.report, result.model, model, args)
+    if args.eval_data or args.speed:
+        val = load_data(args.eval_data, train=False, batch_size=args.batch_size, image_size=args.image_size,
+                        workers=args.workers) if args.eval_data else None
+        example = next(iter(calib))[0][:1]
+        result.report.measure(result.model, model.to(next(result.model.parameters()).device), eval_data=val, speed=args.speed,
+                              example=example, max_batches=args.eval_batches, progress=True)
     print(result.report.table())
     if args.output:
         tf.save(result.model, args.output)
         print(f"saved the pruned model to {args.output}")
     if args.json:
         Path(args.json).write_text(result.report.to_json(indent=2))
-
-
-def _evaluate_into(report, pruned, original, args):
-    val = load_data(args.eval_data, train=False, batch_size=args.batch_size, image_size=args.image_size,
-                    workers=args.workers)
-    dev = args.device or "cpu"
-    for stats, m in ((report.pruned, pruned), (report.original, original)):
-        if stats is None:
-            continue
-        acc = tf.evaluate(m.to(dev), val, device=dev, progress=True, max_batches=args.eval_batches)
-        stats.top1, stats.top5 = acc[1], acc[5]
 
 
 def cmd_report(args):
@@ -200,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-data", help="ImageFolder for top-1/top-5 of both models")
     p.add_argument("--eval-batches", type=int)
+    p.add_argument("--speed", action="store_true", help="time forward/backward at batch 32 for both models")
     p.add_argument("--output", help="where to save the pruned model (thinet_fast.save format)")
     p.set_defaults(fn=cmd_prune)
 

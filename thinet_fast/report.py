@@ -41,6 +41,26 @@ class Report:
     def flops(self) -> int:
         return self.pruned.flops
 
+    def measure(self, pruned: nn.Module, original: nn.Module | None = None, *, eval_data=None,
+                speed: bool = True, example: torch.Tensor | None = None, max_batches: int | None = None,
+                progress: bool = False) -> "Report":
+        """Fill in top-1/top-5 (from ``eval_data``) and forward/backward ms at batch 32
+        for the pruned model and, if given, the original. Returns self."""
+        from .training import evaluate
+        pairs = [(self.pruned, pruned)] + ([(self.original, original)] if original is not None and self.original else [])
+        for stats, model in pairs:
+            if eval_data is not None:
+                acc = evaluate(model, eval_data, max_batches=max_batches, progress=progress)
+                stats.top1, stats.top5 = acc.get(1), acc.get(5)
+            if speed:
+                x = example
+                if x is None:
+                    if eval_data is None:
+                        raise ValueError("speed=True needs example= or eval_data= to know the input shape")
+                    x = next(iter(eval_data))[0][:1]
+                stats.forward_ms, stats.backward_ms = measure_speed(model, x)
+        return self
+
     def to_dict(self) -> dict:
         return asdict(self)
 
