@@ -218,3 +218,14 @@ def test_preset_through_prune_gives_the_paper_architecture():
     assert round(flops / 1e9, 2) == 9.34
     assert res.model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
     assert any("vgg16-thinet-gap" in n for n in res.report.notes)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "auto"])
+def test_backend_preference_is_recorded(backend):
+    if backend == "cpu" and not tf.backends()["cpu"]:
+        pytest.skip("_C is not built")
+    model, data = _model(DemoVGG), _data()
+    res = tf.prune(model, data, keep=0.5, num_images=8, backend=backend, progress=False)
+    want = {"torch": "torch", "cpu": "cpu", "auto": "cpu" if tf.backends()["cpu"] else "torch"}[backend]
+    assert res.report.backend["selection_backend"] == want
+    assert res.report.backend["statistics_backend"] == "torch"

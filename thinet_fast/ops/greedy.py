@@ -18,11 +18,11 @@ from .reconstruct import DEFAULT_RIDGE
 
 __all__ = [
     "greedy_remove", "greedy_remove_ref", "greedy_keep_ls", "greedy_keep_ls_ref",
-    "prepare_batch", "removal_to_keep", "DEFAULT_RIDGE",
+    "prepare_batch", "removal_to_keep", "DEFAULT_RIDGE", "GREEDY_REMOVE_BACKENDS", "KEEP_LS_BACKENDS",
 ]
 
-_GREEDY_REMOVE_BACKENDS = ("cuda", "cupy", "triton", "cpu", "torch")
-_KEEP_LS_BACKENDS = ("cuda", "cupy", "cpu", "torch")
+GREEDY_REMOVE_BACKENDS = ("cuda", "cupy", "triton", "cpu", "torch")
+KEEP_LS_BACKENDS = ("cuda", "cupy", "cpu", "torch")
 
 
 # ---------------------------------------------------------------------------- input
@@ -156,7 +156,7 @@ def greedy_remove(gram, n_remove, return_errors: bool = False, *, sizes=None, ba
         (the objective after 1, 2, ... removals; +inf padded).
     """
     G, sizes_t, n_t, layout = prepare_batch(gram, n_remove, sizes, what="n_remove")
-    name = dispatch.choose(backend, G.device, _GREEDY_REMOVE_BACKENDS, "greedy_remove")
+    name = dispatch.choose(backend, G.device, GREEDY_REMOVE_BACKENDS, "greedy_remove")
     order, errors = _greedy_remove_impl(name)(G, sizes_t, n_t)
     order = _shape_out(order, n_t, layout)
     if return_errors:
@@ -244,7 +244,7 @@ def greedy_keep_ls(gram, n_keep, return_weights: bool = False, *, sizes=None,
     batch) and, if asked, the float64 least-squares scales of the final set.
     """
     G, sizes_t, n_t, layout = prepare_batch(gram, n_keep, sizes, what="n_keep")
-    name = dispatch.choose(backend, G.device, _KEEP_LS_BACKENDS, "greedy_keep_ls")
+    name = dispatch.choose(backend, G.device, KEEP_LS_BACKENDS, "greedy_keep_ls")
     keep, weights = _keep_ls_impl(name)(G, sizes_t, n_t, ridge)
     keep = _shape_out(keep, n_t, layout)
     return (keep, _shape_out(weights, n_t, layout)) if return_weights else keep

@@ -25,6 +25,7 @@ from .patches import ConsumerGeometry, gather_patches, sample_locations
 __all__ = ["Statistics", "StatsAccumulator", "choose_mode", "MODES"]
 
 MODES = ("sampled", "full", "direct")
+STATS_BACKENDS = ("triton", "torch")
 # P is (C·t)²: above this it no longer pays to keep it (VGG conv5: 4608).
 MAX_COV_DIM = 8192
 
@@ -118,7 +119,7 @@ class StatsAccumulator:
         }
         if self.keeps_cov:
             self._state["cov"] = torch.zeros(C * t, C * t, dtype=self.dtype, device=dev)
-        self.backend = dispatch.choose(self.backend, dev, ("triton", "torch"), "statistics")
+        self.backend = dispatch.choose(self.backend, dev, STATS_BACKENDS, "statistics")
 
     @property
     def channels(self) -> int:

@@ -35,7 +35,9 @@ class PruneConfig:
         samples_per_image: locations per image (paper: 10); None = every location.
         seed: seeds sampling and the random baseline.
         device: where statistics are computed (default: the model's device).
-        backend: kernel backend for statistics and selection.
+        backend: preferred kernel backend. Each op uses it where it has that
+            implementation ("cpu"/"cuda"/"cupy" are selection-only, "triton" has no
+            forward least squares) and "auto" elsewhere; the report says what ran.
         units / filter_fn: which producers to prune (fqn list, or a predicate
             ``filter_fn(module, fqn)``).
         finetune: callback ``finetune(model, unit, index)`` after each unit
@@ -105,6 +107,10 @@ class PruneConfig:
             raise ValueError(f"stats_dtype must be torch.float32 or torch.float64; got {self.stats_dtype}")
         if not self.ridge >= 0:
             raise ValueError(f"ridge must be >= 0; got {self.ridge}")
+
+    def backend_for(self, supported: tuple[str, ...]) -> str:
+        """The backend an op implementing ``supported`` should be asked for."""
+        return self.backend if self.backend in supported else "auto"
 
     def replace(self, **changes) -> "PruneConfig":
         return dataclasses.replace(self, **changes)

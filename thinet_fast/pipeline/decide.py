@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops import baselines, greedy, reconstruct
+from ..ops import baselines, dispatch, greedy, reconstruct
 from ..ops.stats import Statistics
 from ..units import Unit
 
@@ -28,6 +28,8 @@ class Decision:
     error_curve: torch.Tensor | None = None  # E(n)/E(all removed), n = 1..C-1 (thinet only)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    selection_backend: str = "torch"
+    statistics_backend: str = "torch"
 
     def record(self) -> dict:
         u = self.unit
@@ -36,6 +38,7 @@ class Decision:
             "method": self.method, "statistics": self.statistics, "reconstruction": self.reconstruction,
             "error_selected": self.error_selected, "error_reconstructed": self.error_reconstructed,
             "seconds": self.seconds, "notes": list(self.notes),
+            "statistics_backend": self.statistics_backend, "selection_backend": self.selection_backend,
         }
 
 
@@ -45,6 +48,7 @@ def select(method: str, stats: Statistics, n_keep: int, producer: nn.Module, *, 
     G, C = stats.gram, stats.channels
     if n_keep == C:
         return torch.arange(C, device=G.device), None
+    backend = selection_backend(method, backend, G.device)
     if method == "thinet":
         return select_thinet_batched([stats], [n_keep], backend=backend)[0]
     if method == "thinet_ls":
@@ -62,6 +66,15 @@ def select(method: str, stats: Statistics, n_keep: int, producer: nn.Module, *, 
     else:
         raise ValueError(f"unknown method {method!r}")
     return baselines.top_k(scores.to(G.device), n_keep), None
+
+
+def selection_backend(method: str, backend: str, device) -> str:
+    """The backend that runs ``method``'s selection for ``backend`` (the pipeline's
+    preference, or "auto" where the op lacks it)."""
+    supported = {"thinet": greedy.GREEDY_REMOVE_BACKENDS, "thinet_ls": greedy.KEEP_LS_BACKENDS}.get(method)
+    if supported is None:
+        return "torch"
+    return dispatch.choose(backend if backend in supported else "auto", device, supported, method)
 
 
 def select_thinet_batched(stats: list[Statistics], n_keep: list[int], *, backend: str = "auto"):
@@ -120,4 +133,5 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
         if isinstance(consumer, nn.Conv2d) else Wn.to(dtype).reshape(K, -1)
     new_b = bias.to(dtype) if bias is not None else None
     return Decision(unit, keep.cpu(), new_w, new_b, method, stats.mode, recon, err_sel, err_rec,
-                    curve.cpu() if curve is not None else None, time.perf_counter() - t0, notes)
+                    curve.cpu() if curve is not None else None, time.perf_counter() - t0, notes,
+                    selection_backend(method, backend, stats.gram.device), stats.backend)

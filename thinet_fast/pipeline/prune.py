@@ -105,11 +105,16 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
         n_bn = recalibrate_batchnorm(work, data, num_images=cfg.num_images, device=device)
         notes.append(f"re-estimated {n_bn} BatchNorm layers on {cfg.num_images} calibration images")
     report = build_report(work, example[:1], reference=model, units=records,
-                          config=cfg.fingerprint(), backend=_backend_used(cfg, device), notes=notes)
+                          config=cfg.fingerprint(), backend=_backends_used(records), notes=notes)
     if cfg.inplace:
         _transplant(model, work)
         work = model
     return PruneResult(work, report, plan, cfg)
+
+
+def _backends_used(records: list[dict]) -> dict:
+    return {key: ",".join(sorted({r[key] for r in records}))
+            for key in ("statistics_backend", "selection_backend")}
 
 
 def _transplant(model: nn.Module, pruned: nn.Module) -> None:
@@ -117,12 +122,3 @@ def _transplant(model: nn.Module, pruned: nn.Module) -> None:
     for key in ("_modules", "_parameters", "_buffers"):
         object.__setattr__(model, key, getattr(pruned, key))
 
-
-def _backend_used(cfg: PruneConfig, device) -> dict:
-    from ..ops import dispatch
-    sel = ("cuda", "cupy", "triton", "cpu", "torch")
-    stats = dispatch.choose(cfg.backend, device, ("triton", "torch"), "statistics") \
-        if cfg.backend in ("auto", "triton", "torch") else "torch"
-    selection = dispatch.choose(cfg.backend, torch.device("cpu") if device.type == "cpu" else device, sel, "selection") \
-        if cfg.method in ("thinet", "thinet_ls") else "torch"
-    return {"statistics": stats, "selection": selection}

@@ -7,9 +7,10 @@ from torch import nn
 
 from ..rewrite import prune_unit_
 from ..units import Unit, get_module, set_module
+from ..ops.stats import STATS_BACKENDS
 from .collect import collect_statistics
 from .config import PruneConfig
-from .decide import Decision, decide, select_thinet_batched
+from .decide import Decision, decide, select_thinet_batched, selection_backend
 
 CHECKPOINT_FORMAT = "thinet_fast-checkpoint/1"
 
@@ -17,7 +18,8 @@ CHECKPOINT_FORMAT = "thinet_fast-checkpoint/1"
 def _collect(model, units, data, cfg: PruneConfig, device, desc):
     return collect_statistics(
         model, units, data, statistics=cfg.statistics, num_images=cfg.num_images,
-        samples_per_image=cfg.samples_per_image, seed=cfg.seed, dtype=cfg.stats_dtype, backend=cfg.backend,
+        samples_per_image=cfg.samples_per_image, seed=cfg.seed, dtype=cfg.stats_dtype,
+        backend=cfg.backend_for(STATS_BACKENDS),
         device=device, with_cov=cfg.reconstruction == "full", progress=cfg.progress, desc=desc)
 
 
@@ -92,8 +94,9 @@ def run_oneshot(model: nn.Module, units: list[Unit], n_keep: dict[str, int], dat
     stats = _collect(model, units, data, cfg, device, "statistics (one-shot)")
     selections = [None] * len(units)
     if cfg.method == "thinet":
+        backend = selection_backend("thinet", cfg.backend, stats[units[0].producer].gram.device)
         selections = select_thinet_batched([stats[u.producer] for u in units],
-                                           [n_keep[u.producer] for u in units], backend=cfg.backend)
+                                           [n_keep[u.producer] for u in units], backend=backend)
     # every decision reads the unpruned consumers before any module is rewritten
     decisions = [_decide(model, u, stats[u.producer], n_keep[u.producer], cfg, sel)
                  for u, sel in zip(units, selections)]
