@@ -21,7 +21,8 @@ from .serialization import load, save
 from .training import evaluate, finetune
 
 DEMO_MODELS = {"vgg": DemoVGG, "resnet": DemoResNet}
-DEMO_METHODS = ("thinet", "thinet_ls", "lasso", "apoz", "weight_sum", "random")
+# "+bn": the same method followed by BatchNorm re-estimation on the calibration images
+DEMO_METHODS = ("thinet", "thinet+bn", "thinet_ls", "lasso", "apoz", "weight_sum", "random")
 
 
 @dataclass
@@ -85,7 +86,8 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> list[dict]:
         log(f"[{name}] original: top-1 {100 * acc[1]:.2f}%  params {st.params / 1e3:.1f}K  FLOPs {st.flops / 1e6:.2f}M")
         for method in s.methods:
             t0 = time.time()
-            res = prune(base, calib, keep=s.keep, method=method, statistics=s.statistics,
+            res = prune(base, calib, keep=s.keep, method=method.removesuffix("+bn"),
+                        bn_recalibration=method.endswith("+bn"), statistics=s.statistics,
                         reconstruction=s.reconstruction, schedule=s.schedule,
                         num_images=10 * s.calib_per_class, samples_per_image=s.samples_per_image,
                         seed=s.seed, progress=False)
