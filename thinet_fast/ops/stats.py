@@ -80,6 +80,7 @@ class StatsAccumulator:
         dtype: accumulation dtype (float32 or float64).
         with_cov: also keep the patch covariance P in ``sampled``/``direct`` mode (the
             ``full`` reconstruction needs it).
+        count_zeros: count zero inputs per channel (APoZ); it reads the whole input.
     """
 
     kernel: torch.Tensor
@@ -91,6 +92,7 @@ class StatsAccumulator:
     dtype: torch.dtype = torch.float32
     backend: str = "auto"
     with_cov: bool = False
+    count_zeros: bool = True
     images_seen: int = 0
     _gen: torch.Generator = field(init=False, repr=False)
     _state: dict = field(init=False, repr=False)
@@ -138,8 +140,9 @@ class StatsAccumulator:
         x = x.to(self.kernel.device)
         st, N = self._state, x.shape[0]
         oh, ow = self.geometry.out_size(x.shape[2], x.shape[3])
-        st["zeros"] += (x == 0).sum(dim=(0, 2, 3))
-        st["elements"] += N * x.shape[2] * x.shape[3]
+        if self.count_zeros:
+            st["zeros"] += (x == 0).sum(dim=(0, 2, 3))
+            st["elements"] += N * x.shape[2] * x.shape[3]
         # a Linear has one location: only sampled mode repeats it (with other outputs)
         per_image = None if (self.geometry.linear and self.mode != "sampled") else self.samples_per_image
         img, oy, ox = sample_locations(self._gen, N, (oh, ow), per_image)
@@ -203,18 +206,18 @@ class StatsAccumulator:
 
     def __add__(self, other: "StatsAccumulator") -> "StatsAccumulator":
         out = StatsAccumulator(self.kernel, self.geometry, self.mode, self.samples_per_image,
-                               self.outputs_per_sample, self.seed, self.dtype, self.backend, self.with_cov)
+                               self.outputs_per_sample, self.seed, self.dtype, self.backend, self.with_cov,
+                               self.count_zeros)
         return out.merge(self).merge(other)
 
     def result(self) -> Statistics:
+        """A snapshot: later ``update()`` calls do not change it."""
         st = self._state
         C, t = self.channels, self.geometry.taps
-        gram = st["gram"]
-        cov = st.get("cov")
-        if self.mode == "full":
-            gram = gram_from_cov(self.kernel, cov, backend=self.backend)
+        cov = st["cov"].clone() if "cov" in st else None
+        gram = gram_from_cov(self.kernel, cov, backend=self.backend) if self.mode == "full" else st["gram"].clone()
         return Statistics(
             mode=self.mode, gram=gram, count=st["count"], patch_count=st["patch_count"],
-            patch_sum=st["patch_sum"].reshape(C, t), zeros=st["zeros"], elements=st["elements"],
+            patch_sum=st["patch_sum"].reshape(C, t).clone(), zeros=st["zeros"].clone(), elements=st["elements"],
             cov=cov, backend=self.backend,
         )

@@ -57,7 +57,7 @@ def iter_batches(data, num_images: int, device) -> Iterable[torch.Tensor]:
 
 
 def make_accumulators(model: nn.Module, units: list[Unit], *, statistics: str, samples_per_image, seed: int,
-                      dtype, backend: str, with_cov: bool = False) -> dict[str, StatsAccumulator]:
+                      dtype, backend: str, with_cov: bool = False, count_zeros: bool = True) -> dict[str, StatsAccumulator]:
     accs = {}
     for j, unit in enumerate(units):
         consumer = get_module(model, unit.consumer)
@@ -65,7 +65,8 @@ def make_accumulators(model: nn.Module, units: list[Unit], *, statistics: str, s
         accs[unit.producer] = StatsAccumulator(
             consumer.weight, consumer_geometry(consumer, unit), mode=mode, samples_per_image=samples_per_image,
             seed=seed * 1_000_003 + j + _rank_offset(), dtype=dtype, backend=backend,
-            with_cov=with_cov and mode != "full" and unit.channels * unit.taps <= MAX_COV_DIM)
+            with_cov=with_cov and mode != "full" and unit.channels * unit.taps <= MAX_COV_DIM,
+            count_zeros=count_zeros)
     return accs
 
 
@@ -105,7 +106,8 @@ def _hooks(model: nn.Module, units: list[Unit], accs: dict[str, StatsAccumulator
 @torch.no_grad()
 def collect_statistics(model: nn.Module, units: list[Unit], data, *, statistics: str = "auto",
                        num_images: int = 1000, samples_per_image=10, seed: int = 0, dtype=torch.float32,
-                       backend: str = "auto", device=None, with_cov: bool = False, stop_early: bool = True,
+                       backend: str = "auto", device=None, with_cov: bool = False, count_zeros: bool = True,
+                       stop_early: bool = True,
                        progress: bool = False, desc: str = "statistics") -> dict[str, Statistics]:
     """One pass over ``data`` that feeds every unit's consumer input to its accumulator.
 
@@ -116,7 +118,7 @@ def collect_statistics(model: nn.Module, units: list[Unit], data, *, statistics:
         return {}
     device = torch.device(device) if device is not None else _model_device(model)
     accs = make_accumulators(model, units, statistics=statistics, samples_per_image=samples_per_image,
-                             seed=seed, dtype=dtype, backend=backend, with_cov=with_cov)
+                             seed=seed, dtype=dtype, backend=backend, with_cov=with_cov, count_zeros=count_zeros)
     was_training = model.training
     model.eval()
     bar = _progress(num_images, desc, progress)

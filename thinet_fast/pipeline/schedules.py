@@ -20,7 +20,8 @@ def _collect(model, units, data, cfg: PruneConfig, device, desc):
         model, units, data, statistics=cfg.statistics, num_images=cfg.num_images,
         samples_per_image=cfg.samples_per_image, seed=cfg.seed, dtype=cfg.stats_dtype,
         backend=cfg.backend_for(STATS_BACKENDS),
-        device=device, with_cov=cfg.reconstruction == "full", progress=cfg.progress, desc=desc)
+        device=device, with_cov=cfg.reconstruction == "full", count_zeros=cfg.method == "apoz",
+        progress=cfg.progress, desc=desc)
 
 
 def _decide(model, unit, stats, n_keep, cfg: PruneConfig, selection=None) -> Decision:
