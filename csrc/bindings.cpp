@@ -195,82 +195,88 @@ int64_t check_outputs(const Batch& b, const Array& idx, const Array& val, DType 
   return nmax;
 }
 
+// The argument names of an operation, and whether its value output has G's dtype (else
+// float64).
+struct OpNames {
+  const char* count;
+  const char* idx;
+  const char* val;
+  bool val_like_G;
+};
+constexpr OpNames kRemove{"n_remove", "order_out", "errors_out", true};
+constexpr OpNames kKeepLs{"n_keep", "keep_out", "weights_out", false};
+
+// The checked arguments of one call: the batch, the index output (int64) and the value
+// output, both (B, nmax).
+struct Call {
+  Batch b;
+  Array idx, val;
+  int64_t nmax = 0;
+  const int64_t* sizes() const { return static_cast<const int64_t*>(b.sizes.ptr); }
+  const int64_t* counts() const { return static_cast<const int64_t*>(b.counts.ptr); }
+  int64_t* idx_ptr() const { return static_cast<int64_t*>(idx.ptr); }
+  template <typename T> const T* G() const { return static_cast<const T*>(b.G.ptr); }
+  template <typename V> V* val_ptr() const { return static_cast<V*>(val.ptr); }
+};
+
+// Checks the arguments (host or device arrays), releases the GIL and calls
+// run(T(), call) with T = double for a float64 G, float otherwise (check_batch admits
+// only these two).
+template <typename F>
+void checked_call(const OpNames& op, bool device, py::handle G, py::handle sizes,
+                  py::handle counts, py::handle idx_out, py::handle val_out, const F& run) {
+  Call k;
+  k.b = check_batch(G, sizes, counts, op.count, device);
+  k.idx = parse(idx_out, op.idx, device);
+  k.val = parse(val_out, op.val, device);
+  k.nmax = check_outputs(k.b, k.idx, k.val, op.val_like_G ? k.b.G.dtype : DType::f64);
+  py::gil_scoped_release nogil;
+  if (k.b.G.dtype == DType::f64)
+    run(double(), k);
+  else
+    run(float(), k);
+}
+
 void greedy_remove_host(py::object G, py::object sizes, py::object n_remove, py::object order_out,
                         py::object errors_out, int num_threads, int sim_threads) {
-  Batch b = check_batch(G, sizes, n_remove, "n_remove", false);
-  Array order = parse(order_out, "order_out", false);
-  Array errors = parse(errors_out, "errors_out", false);
-  const int64_t nmax = check_outputs(b, order, errors, b.G.dtype);
-  const int64_t* s = static_cast<const int64_t*>(b.sizes.ptr);
-  const int64_t* c = static_cast<const int64_t*>(b.counts.ptr);
-  py::gil_scoped_release nogil;
-  if (b.G.dtype == DType::f64)
-    tf::greedy_remove_host<double>(static_cast<const double*>(b.G.ptr), b.B, b.C, s, c, nmax,
-                                   static_cast<int64_t*>(order.ptr),
-                                   static_cast<double*>(errors.ptr), num_threads, sim_threads);
-  else
-    tf::greedy_remove_host<float>(static_cast<const float*>(b.G.ptr), b.B, b.C, s, c, nmax,
-                                  static_cast<int64_t*>(order.ptr),
-                                  static_cast<float*>(errors.ptr), num_threads, sim_threads);
+  checked_call(kRemove, false, G, sizes, n_remove, order_out, errors_out,
+               [&](auto zero, const Call& k) {
+                 using T = decltype(zero);
+                 tf::greedy_remove_host<T>(k.G<T>(), k.b.B, k.b.C, k.sizes(), k.counts(), k.nmax,
+                                           k.idx_ptr(), k.val_ptr<T>(), num_threads, sim_threads);
+               });
 }
 
 void keep_ls_host(py::object G, py::object sizes, py::object n_keep, double ridge,
                   py::object keep_out, py::object weights_out, int num_threads, int sim_threads) {
-  Batch b = check_batch(G, sizes, n_keep, "n_keep", false);
-  Array keep = parse(keep_out, "keep_out", false);
-  Array weights = parse(weights_out, "weights_out", false);
-  const int64_t nmax = check_outputs(b, keep, weights, DType::f64);
-  const int64_t* s = static_cast<const int64_t*>(b.sizes.ptr);
-  const int64_t* c = static_cast<const int64_t*>(b.counts.ptr);
-  py::gil_scoped_release nogil;
-  if (b.G.dtype == DType::f64)
-    tf::keep_ls_host<double>(static_cast<const double*>(b.G.ptr), b.B, b.C, s, c, nmax, ridge,
-                             static_cast<int64_t*>(keep.ptr), static_cast<double*>(weights.ptr),
-                             num_threads, sim_threads);
-  else
-    tf::keep_ls_host<float>(static_cast<const float*>(b.G.ptr), b.B, b.C, s, c, nmax, ridge,
-                            static_cast<int64_t*>(keep.ptr), static_cast<double*>(weights.ptr),
-                            num_threads, sim_threads);
+  checked_call(kKeepLs, false, G, sizes, n_keep, keep_out, weights_out,
+               [&](auto zero, const Call& k) {
+                 using T = decltype(zero);
+                 tf::keep_ls_host<T>(k.G<T>(), k.b.B, k.b.C, k.sizes(), k.counts(), k.nmax, ridge,
+                                     k.idx_ptr(), k.val_ptr<double>(), num_threads, sim_threads);
+               });
 }
 
 #if THINET_FAST_WITH_CUDA
 void greedy_remove_device(py::object G, py::object sizes, py::object n_remove,
                           py::object order_out, py::object errors_out, std::uintptr_t stream,
                           int64_t max_shared_bytes) {
-  Batch b = check_batch(G, sizes, n_remove, "n_remove", true);
-  Array order = parse(order_out, "order_out", true);
-  Array errors = parse(errors_out, "errors_out", true);
-  const int64_t nmax = check_outputs(b, order, errors, b.G.dtype);
-  const int64_t* s = static_cast<const int64_t*>(b.sizes.ptr);
-  const int64_t* c = static_cast<const int64_t*>(b.counts.ptr);
-  py::gil_scoped_release nogil;
-  if (b.G.dtype == DType::f64)
-    tf::greedy_remove_cuda<double>(static_cast<const double*>(b.G.ptr), b.B, b.C, s, c, nmax,
-                                   static_cast<int64_t*>(order.ptr),
-                                   static_cast<double*>(errors.ptr), stream, max_shared_bytes);
-  else
-    tf::greedy_remove_cuda<float>(static_cast<const float*>(b.G.ptr), b.B, b.C, s, c, nmax,
-                                  static_cast<int64_t*>(order.ptr),
-                                  static_cast<float*>(errors.ptr), stream, max_shared_bytes);
+  checked_call(kRemove, true, G, sizes, n_remove, order_out, errors_out,
+               [&](auto zero, const Call& k) {
+                 using T = decltype(zero);
+                 tf::greedy_remove_cuda<T>(k.G<T>(), k.b.B, k.b.C, k.sizes(), k.counts(), k.nmax,
+                                           k.idx_ptr(), k.val_ptr<T>(), stream, max_shared_bytes);
+               });
 }
 
 void keep_ls_device(py::object G, py::object sizes, py::object n_keep, double ridge,
                     py::object keep_out, py::object weights_out, std::uintptr_t stream) {
-  Batch b = check_batch(G, sizes, n_keep, "n_keep", true);
-  Array keep = parse(keep_out, "keep_out", true);
-  Array weights = parse(weights_out, "weights_out", true);
-  const int64_t nmax = check_outputs(b, keep, weights, DType::f64);
-  const int64_t* s = static_cast<const int64_t*>(b.sizes.ptr);
-  const int64_t* c = static_cast<const int64_t*>(b.counts.ptr);
-  py::gil_scoped_release nogil;
-  if (b.G.dtype == DType::f64)
-    tf::keep_ls_cuda<double>(static_cast<const double*>(b.G.ptr), b.B, b.C, s, c, nmax, ridge,
-                             static_cast<int64_t*>(keep.ptr), static_cast<double*>(weights.ptr),
-                             stream);
-  else
-    tf::keep_ls_cuda<float>(static_cast<const float*>(b.G.ptr), b.B, b.C, s, c, nmax, ridge,
-                            static_cast<int64_t*>(keep.ptr), static_cast<double*>(weights.ptr),
-                            stream);
+  checked_call(kKeepLs, true, G, sizes, n_keep, keep_out, weights_out,
+               [&](auto zero, const Call& k) {
+                 using T = decltype(zero);
+                 tf::keep_ls_cuda<T>(k.G<T>(), k.b.B, k.b.C, k.sizes(), k.counts(), k.nmax, ridge,
+                                     k.idx_ptr(), k.val_ptr<double>(), stream);
+               });
 }
 #else
 [[noreturn]] void no_cuda() {

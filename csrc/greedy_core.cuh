@@ -82,6 +82,28 @@ TF_HD TF_INLINE bool argmax_better(T s, index_t i, T bs, index_t bi) {
   return s > bs || (s == bs && i < bi);
 }
 
+// ------------------------------------------------------------------ batches
+// Problem b of a batch: its true size Cb = clamp(sizes[b], 0, C) and step count
+// n = min(clamp(counts[b], 0, Cb), nmax). The bindings validate sizes and counts; the
+// clamp keeps the kernels in bounds regardless.
+TF_HD TF_INLINE void clamp_problem(index_t C, index_t nmax, index_t size, index_t count,
+                                   index_t& Cb, index_t& n) {
+  Cb = size < 0 ? 0 : (size > C ? C : size);
+  n = count < 0 ? 0 : (count > Cb ? Cb : count);
+  n = n > nmax ? nmax : n;
+}
+
+// The padding of one problem's outputs: idx[j] = -1 and val[j] = fill for the owned
+// j in [n, nmax).
+template <typename I, typename V>
+TF_HD TF_INLINE void pad_outputs(I* idx, V* val, V fill, index_t n, index_t nmax, index_t begin,
+                                 index_t stride) {
+  for (index_t j = n + begin; j < nmax; j += stride) {
+    idx[j] = -1;
+    val[j] = fill;
+  }
+}
+
 // ============================================================= greedy removal
 // Per-problem scratch: running sums a[C], the diagonal d[C] (both T) and removed[C]
 // flags. Offsets in bytes, each part aligned to 16.
@@ -270,6 +292,19 @@ TF_HD TF_INLINE void keep_ls_pivot(const T* G, index_t ld, index_t Cb, index_t i
   const double d2 = (double(G[i * ld + i]) + lam) - ll;
   d = sqrt(d2 > lam ? d2 : lam);
   yj = (s.b[i] - ly) / d;
+}
+
+// Serial: append candidate i as step j: keep_ls_pivot, then record y_j, d_j, chosen[i]
+// and keep[j] = i. d and yj come back for keep_ls_update.
+template <typename T>
+TF_HD TF_INLINE void keep_ls_append(const T* G, index_t ld, index_t Cb, index_t i, index_t j,
+                                    double lam, KeepLsScratch s, index_t* keep, double& d,
+                                    double& yj) {
+  keep_ls_pivot(G, ld, Cb, i, j, lam, s, d, yj);
+  s.y[j] = yj;
+  s.dvec[j] = d;
+  s.chosen[i] = 1;
+  keep[j] = i;
 }
 
 // Owned rows: q_r = (G[r, i] - sum_k Q[r, k] l_k) / d, Q[:, j] = q, c_r -= y_j q_r.

@@ -32,20 +32,44 @@ int threads_for(int num_threads, int64_t B) {
   return t < 1 ? 1 : t;
 }
 
-inline void clamp_problem(int64_t C, int64_t nmax, int64_t size, int64_t count, int64_t& Cb,
-                          int64_t& n) {
-  Cb = std::min(std::max<int64_t>(size, 0), C);
-  n = std::min(std::min(std::max<int64_t>(count, 0), Cb), nmax);
+// Runs one(b, Cb, n, scratch) for every problem b of the batch (Cb, n: clamp_problem),
+// OpenMP over problems in schedule order, with one Scratch per thread.
+template <typename Scratch, typename F>
+void for_each_problem(int64_t B, int64_t C, int64_t nmax, const int64_t* sizes,
+                      const int64_t* counts, int num_threads, const F& one) {
+  if (B == 0 || nmax == 0) return;
+  const std::vector<int64_t> idx = schedule(B, sizes, counts);
+  const int nt = threads_for(num_threads, B);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    Scratch scratch;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t q = 0; q < B; ++q) {
+      const int64_t b = idx[static_cast<size_t>(q)];
+      index_t Cb, n;
+      clamp_problem(C, nmax, sizes[b], counts[b], Cb, n);
+      one(b, Cb, n, scratch);
+    }
+  }
+  (void)nt;
 }
+
+// Per-thread scratch of greedy_remove_one: the running sums etc., and the transposed copy.
+template <typename T>
+struct RemoveScratch {
+  std::vector<unsigned char> bytes;
+  std::vector<T> gt;
+};
 
 template <typename T>
 void greedy_remove_one(const T* Gb, int64_t C, int64_t Cb, int64_t n, int64_t nmax, int64_t* ord,
                        T* err, std::vector<unsigned char>& scratch, std::vector<T>& gt,
                        int sim_threads) {
-  for (int64_t j = n; j < nmax; ++j) {
-    ord[j] = -1;
-    err[j] = inf_value<T>();
-  }
+  pad_outputs(ord, err, inf_value<T>(), n, nmax, 0, 1);
   if (n == 0) return;
   scratch.resize(static_cast<size_t>(greedy_remove_scratch_bytes(C, sizeof(T))) + 16);
   unsigned char* base = scratch.data();
@@ -101,10 +125,7 @@ void greedy_remove_one(const T* Gb, int64_t C, int64_t Cb, int64_t n, int64_t nm
 template <typename T>
 void keep_ls_one(const T* Gb, int64_t C, int64_t Cb, int64_t n, int64_t nmax, double ridge,
                  int64_t* keep, double* w, std::vector<double>& scratch, int sim_threads) {
-  for (int64_t j = n; j < nmax; ++j) {
-    keep[j] = -1;
-    w[j] = 0.0;
-  }
+  pad_outputs(keep, w, 0.0, n, nmax, 0, 1);
   if (n == 0) return;
   scratch.resize(static_cast<size_t>(keep_ls_scratch_bytes(Cb, n) / 8 + 2));
   KeepLsScratch s = keep_ls_scratch(reinterpret_cast<unsigned char*>(scratch.data()), Cb, n);
@@ -125,11 +146,7 @@ void keep_ls_one(const T* Gb, int64_t C, int64_t Cb, int64_t n, int64_t nmax, do
       }
     }
     double d, yj;
-    keep_ls_pivot(Gb, C, Cb, i, j, lam, s, d, yj);
-    s.y[j] = yj;
-    s.dvec[j] = d;
-    s.chosen[i] = 1;
-    kb[j] = i;
+    keep_ls_append(Gb, C, Cb, i, j, lam, s, kb, d, yj);
     for (int t = 0; t < T_; ++t) keep_ls_update(Gb + i, C, Cb, i, j, d, yj, s, t, T_);
   }
   keep_ls_backsolve(s, Cb, kb, n, w);
@@ -149,27 +166,12 @@ template <typename T>
 void greedy_remove_host(const T* G, int64_t B, int64_t C, const int64_t* sizes,
                         const int64_t* counts, int64_t nmax, int64_t* order, T* errors,
                         int num_threads, int sim_threads) {
-  if (B == 0 || nmax == 0) return;
-  const std::vector<int64_t> idx = schedule(B, sizes, counts);
-  const int nt = threads_for(num_threads, B);
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-  {
-    std::vector<unsigned char> scratch;
-    std::vector<T> gt;
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-    for (int64_t q = 0; q < B; ++q) {
-      const int64_t b = idx[static_cast<size_t>(q)];
-      int64_t Cb, n;
-      clamp_problem(C, nmax, sizes[b], counts[b], Cb, n);
-      greedy_remove_one(G + b * C * C, C, Cb, n, nmax, order + b * nmax, errors + b * nmax,
-                        scratch, gt, sim_threads);
-    }
-  }
-  (void)nt;
+  for_each_problem<RemoveScratch<T>>(
+      B, C, nmax, sizes, counts, num_threads,
+      [&](int64_t b, int64_t Cb, int64_t n, RemoveScratch<T>& scratch) {
+        greedy_remove_one(G + b * C * C, C, Cb, n, nmax, order + b * nmax, errors + b * nmax,
+                          scratch.bytes, scratch.gt, sim_threads);
+      });
 }
 
 template <typename T>
@@ -177,26 +179,12 @@ void keep_ls_host(const T* G, int64_t B, int64_t C, const int64_t* sizes, const 
                   int64_t nmax, double ridge, int64_t* keep, double* weights, int num_threads,
                   int sim_threads) {
   static_assert(sizeof(index_t) == sizeof(int64_t), "int64 layout");
-  if (B == 0 || nmax == 0) return;
-  const std::vector<int64_t> idx = schedule(B, sizes, counts);
-  const int nt = threads_for(num_threads, B);
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-  {
-    std::vector<double> scratch;
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-    for (int64_t q = 0; q < B; ++q) {
-      const int64_t b = idx[static_cast<size_t>(q)];
-      int64_t Cb, n;
-      clamp_problem(C, nmax, sizes[b], counts[b], Cb, n);
-      keep_ls_one(G + b * C * C, C, Cb, n, nmax, ridge, keep + b * nmax, weights + b * nmax,
-                  scratch, sim_threads);
-    }
-  }
-  (void)nt;
+  for_each_problem<std::vector<double>>(
+      B, C, nmax, sizes, counts, num_threads,
+      [&](int64_t b, int64_t Cb, int64_t n, std::vector<double>& scratch) {
+        keep_ls_one(G + b * C * C, C, Cb, n, nmax, ridge, keep + b * nmax, weights + b * nmax,
+                    scratch, sim_threads);
+      });
 }
 
 template void greedy_remove_host<float>(const float*, int64_t, int64_t, const int64_t*,

@@ -15,14 +15,10 @@ namespace tf {
 
 #define TF_MAX_WARPS 32
 
-// Block-wide argmin / argmax of (value, index) with ties to the lowest index. Every
-// thread passes its partial result; every thread gets the block result. Two
-// __syncthreads; the shared buffers may be reused right after the call returns.
+// Warp-wide argmin / argmax of (value, index) with ties to the lowest index, by
+// shuffle-down: lane 0 ends with the warp's result.
 template <typename T, bool kMax>
-__device__ TF_INLINE void block_arg_reduce(T& v, index_t& idx, T* red_v, index_t* red_i) {
-  const unsigned lane = threadIdx.x & 31u;
-  const unsigned warp = threadIdx.x >> 5;
-  const unsigned nwarps = (blockDim.x + 31u) >> 5;
+__device__ TF_INLINE void warp_arg_reduce(T& v, index_t& idx, unsigned lane) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     const T ov = __shfl_down_sync(0xffffffffu, v, off);
@@ -33,6 +29,17 @@ __device__ TF_INLINE void block_arg_reduce(T& v, index_t& idx, T* red_v, index_t
       idx = oi;
     }
   }
+}
+
+// Block-wide argmin / argmax of (value, index) with ties to the lowest index. Every
+// thread passes its partial result; every thread gets the block result. Two
+// __syncthreads; the shared buffers may be reused right after the call returns.
+template <typename T, bool kMax>
+__device__ TF_INLINE void block_arg_reduce(T& v, index_t& idx, T* red_v, index_t* red_i) {
+  const unsigned lane = threadIdx.x & 31u;
+  const unsigned warp = threadIdx.x >> 5;
+  const unsigned nwarps = (blockDim.x + 31u) >> 5;
+  warp_arg_reduce<T, kMax>(v, idx, lane);
   if (lane == 0) {
     red_v[warp] = v;
     red_i[warp] = idx;
@@ -45,16 +52,7 @@ __device__ TF_INLINE void block_arg_reduce(T& v, index_t& idx, T* red_v, index_t
       v = kMax ? -inf_value<T>() : inf_value<T>();
       idx = (index_t)0x7fffffffffffffffLL;
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const T ov = __shfl_down_sync(0xffffffffu, v, off);
-      const index_t oi = __shfl_down_sync(0xffffffffu, idx, off);
-      const bool better = kMax ? argmax_better(ov, oi, v, idx) : argmin_better(ov, oi, v, idx);
-      if (lane + off < 32u && better) {
-        v = ov;
-        idx = oi;
-      }
-    }
+    warp_arg_reduce<T, kMax>(v, idx, lane);
     if (lane == 0) {
       red_v[TF_MAX_WARPS] = v;
       red_i[TF_MAX_WARPS] = idx;
@@ -80,17 +78,11 @@ __global__ void tf_greedy_remove_kernel(const T* __restrict__ G, long long C,
   __shared__ index_t red_i[TF_MAX_WARPS + 1];
   const index_t b = blockIdx.x;
   const T* Gb = G + b * C * C;
-  index_t Cb = sizes[b];
-  Cb = Cb < 0 ? 0 : (Cb > C ? C : Cb);
-  index_t n = counts[b];
-  n = n < 0 ? 0 : (n > Cb ? Cb : n);
-  n = n > nmax ? nmax : n;
+  index_t Cb, n;
+  clamp_problem(C, nmax, sizes[b], counts[b], Cb, n);
   long long* ord = order + b * nmax;
   T* err = errors + b * nmax;
-  for (index_t j = n + threadIdx.x; j < nmax; j += blockDim.x) {
-    ord[j] = -1;
-    err[j] = inf_value<T>();
-  }
+  pad_outputs(ord, err, inf_value<T>(), n, nmax, threadIdx.x, blockDim.x);
   if (n == 0) return;
 
   unsigned char* base = use_smem ? tf_dyn_smem : ws + b * ws_stride;
@@ -129,17 +121,11 @@ __global__ void tf_keep_ls_kernel(const T* __restrict__ G, long long C,
   __shared__ double sh_lam, sh_d, sh_y;
   const index_t b = blockIdx.x;
   const T* Gb = G + b * C * C;
-  index_t Cb = sizes[b];
-  Cb = Cb < 0 ? 0 : (Cb > C ? C : Cb);
-  index_t n = counts[b];
-  n = n < 0 ? 0 : (n > Cb ? Cb : n);
-  n = n > nmax ? nmax : n;
+  index_t Cb, n;
+  clamp_problem(C, nmax, sizes[b], counts[b], Cb, n);
   long long* kb = keep + b * nmax;
   double* wb = weights + b * nmax;
-  for (index_t j = n + threadIdx.x; j < nmax; j += blockDim.x) {
-    kb[j] = -1;
-    wb[j] = 0.0;
-  }
+  pad_outputs(kb, wb, 0.0, n, nmax, threadIdx.x, blockDim.x);
   if (n == 0) return;
 
   KeepLsScratch s = keep_ls_scratch(ws + b * ws_stride, C, nmax);
@@ -156,11 +142,7 @@ __global__ void tf_keep_ls_kernel(const T* __restrict__ G, long long C,
     block_arg_reduce<double, true>(v, i, red_v, red_i);
     if (tid == 0) {
       double d, yj;
-      keep_ls_pivot(Gb, C, Cb, i, j, lam, s, d, yj);
-      s.y[j] = yj;
-      s.dvec[j] = d;
-      s.chosen[i] = 1;
-      kb[j] = i;
+      keep_ls_append(Gb, C, Cb, i, j, lam, s, kb, d, yj);
       sh_d = d;
       sh_y = yj;
     }

@@ -65,7 +65,7 @@ def cmd_demo(args):
     if args.models:
         s.models = tuple(args.models.split(","))
     if args.quick:
-        s.train_epochs, s.train_limit, s.calib_per_class, s.finetune_steps, s.eval_limit = 1.0, 10000, 20, 50, 2000
+        s.train_epochs, s.train_limit, s.calib_per_class, s.finetune_steps, s.eval_limit = 1.0, 10000, 20, 30, 2000
     rows = tf.demo.run_demo(s)
     if args.json:
         tf.demo.dump(rows, args.json)

@@ -21,8 +21,24 @@ from .serialization import load, save
 from .training import evaluate, finetune
 
 DEMO_MODELS = {"vgg": DemoVGG, "resnet": DemoResNet}
-# "+bn": the same method followed by BatchNorm re-estimation on the calibration images
-DEMO_METHODS = ("thinet", "thinet+bn", "thinet_ls", "lasso", "apoz", "weight_sum", "random")
+# a demo row is a method plus option overrides: "+full" is thinet_fast's exact path
+# (all-output statistics, least-squares refit of the consumer, bias compensation),
+# "+bn" re-estimates BatchNorm statistics on the calibration images afterwards
+VARIANTS = {
+    "+full": {"statistics": "full", "reconstruction": "full"},
+    "+bn": {"bn_recalibration": True},
+}
+DEMO_METHODS = ("thinet", "thinet+full", "thinet+full+bn", "thinet_ls", "lasso", "apoz", "weight_sum", "random")
+
+
+def _row_options(row: str, s: "DemoSettings") -> dict:
+    method, *extras = row.split("+")
+    opts = {"method": method, "statistics": s.statistics, "reconstruction": s.reconstruction}
+    for extra in extras:
+        if f"+{extra}" not in VARIANTS:
+            raise ValueError(f"unknown demo variant '+{extra}' in {row!r}; known: {sorted(VARIANTS)}")
+        opts.update(VARIANTS[f"+{extra}"])
+    return opts
 
 
 @dataclass
@@ -30,11 +46,11 @@ class DemoSettings:
     models: tuple[str, ...] = ("vgg", "resnet")
     methods: tuple[str, ...] = DEMO_METHODS
     keep: float = 0.5
-    train_epochs: float = 1.0
-    train_limit: int | None = 30000      # images of the training set to use (None = 60k)
+    train_epochs: float = 2.0
+    train_limit: int | None = None       # images of the training set to use (None = 60k)
     calib_per_class: int = 50            # paper: 10 per class on ImageNet
     samples_per_image: int = 10
-    finetune_steps: int = 60
+    finetune_steps: int = 100
     eval_limit: int | None = None
     batch_size: int = 128
     schedule: str = "sequential"
@@ -86,9 +102,7 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> list[dict]:
         log(f"[{name}] original: top-1 {100 * acc[1]:.2f}%  params {st.params / 1e3:.1f}K  FLOPs {st.flops / 1e6:.2f}M")
         for method in s.methods:
             t0 = time.time()
-            res = prune(base, calib, keep=s.keep, method=method.removesuffix("+bn"),
-                        bn_recalibration=method.endswith("+bn"), statistics=s.statistics,
-                        reconstruction=s.reconstruction, schedule=s.schedule,
+            res = prune(base, calib, keep=s.keep, **_row_options(method, s), schedule=s.schedule,
                         num_images=10 * s.calib_per_class, samples_per_image=s.samples_per_image,
                         seed=s.seed, progress=False)
             seconds = time.time() - t0
