@@ -124,6 +124,34 @@ def _stale(unit: Unit, fqn: str, what: str) -> ValueError:
     )
 
 
+# The width prune_unit_ checks on a unit's producer / consumer, by (role, kind is "conv"):
+# (attribute, how a mismatch reads, whether the expected width is channels * taps rather
+# than channels: a Linear consumer reads the channel-major flatten).
+_WIDTH = {
+    ("producer", True): ("out_channels", "has {} output channels", False),
+    ("producer", False): ("out_features", "has {} output features", False),
+    ("consumer", True): ("in_channels", "reads {} channels", False),
+    ("consumer", False): ("in_features", "reads {} features", True),
+}
+
+
+def _checked_module(model: nn.Module, unit: Unit, role: str) -> nn.Module:
+    """The producer or consumer (``role``) of ``unit`` in ``model``, checked against the
+    unit's kind (nn.Conv2d with groups=1, else nn.Linear) and its width."""
+    fqn, kind = (unit.producer, unit.producer_kind) if role == "producer" else (unit.consumer, unit.consumer_kind)
+    m = get_module(model, fqn)
+    if kind == "conv":
+        if type(m) is not nn.Conv2d or m.groups != 1:
+            raise TypeError(f"{role} `{fqn}` is a {type(m).__name__}, expected nn.Conv2d with groups=1")
+    elif type(m) is not nn.Linear:
+        raise TypeError(f"{role} `{fqn}` is a {type(m).__name__}, expected nn.Linear")
+    attr, what, times_taps = _WIDTH[role, kind == "conv"]
+    width = getattr(m, attr)
+    if width != unit.channels * (unit.taps if times_taps else 1):
+        raise _stale(unit, fqn, what.format(width))
+    return m
+
+
 def _as_weight(w: torch.Tensor, unit: Unit, consumer: nn.Module, n: int) -> torch.Tensor:
     """Shape-check a caller's consumer weight and cast it to the consumer's dtype/device."""
     if not isinstance(w, torch.Tensor):
@@ -190,29 +218,8 @@ def prune_unit_(
     n = keep.numel()
 
     # ---- resolve and check the modules against the unit
-    prod = get_module(model, unit.producer)
-    if unit.producer_kind == "conv":
-        if type(prod) is not nn.Conv2d or prod.groups != 1:
-            raise TypeError(f"producer `{unit.producer}` is a {type(prod).__name__}, expected nn.Conv2d with groups=1")
-        if prod.out_channels != unit.channels:
-            raise _stale(unit, unit.producer, f"has {prod.out_channels} output channels")
-    else:
-        if type(prod) is not nn.Linear:
-            raise TypeError(f"producer `{unit.producer}` is a {type(prod).__name__}, expected nn.Linear")
-        if prod.out_features != unit.channels:
-            raise _stale(unit, unit.producer, f"has {prod.out_features} output features")
-
-    cons = get_module(model, unit.consumer)
-    if unit.consumer_kind == "conv":
-        if type(cons) is not nn.Conv2d or cons.groups != 1:
-            raise TypeError(f"consumer `{unit.consumer}` is a {type(cons).__name__}, expected nn.Conv2d with groups=1")
-        if cons.in_channels != unit.channels:
-            raise _stale(unit, unit.consumer, f"reads {cons.in_channels} channels")
-    else:
-        if type(cons) is not nn.Linear:
-            raise TypeError(f"consumer `{unit.consumer}` is a {type(cons).__name__}, expected nn.Linear")
-        if cons.in_features != unit.channels * unit.taps:
-            raise _stale(unit, unit.consumer, f"reads {cons.in_features} features")
+    prod = _checked_module(model, unit, "producer")
+    cons = _checked_module(model, unit, "consumer")
 
     new_w = _as_weight(consumer_weight, unit, cons, n) if consumer_weight is not None else None
     new_b = _as_bias(consumer_bias, unit, cons) if consumer_bias is not None else None

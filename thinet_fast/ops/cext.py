@@ -43,49 +43,41 @@ def _stream_of(device: torch.device) -> int:
     return int(torch.cuda.current_stream(device).cuda_stream)
 
 
+def _run(name: str, G, sizes, counts, count_name: str, val_fill: float, val_dtype, *scalars):
+    """Shared body of the two entry points: check G, build the host sizes/counts, allocate
+    the outputs (int64 indices filled with -1, values filled with ``val_fill`` in
+    ``val_dtype``, G's dtype when None; both (B, nmax) with nmax = max(counts)) and call
+    ``_C.<name>_device`` (CUDA tensors, current stream) or ``_C.<name>_host`` (CPU) with
+    ``scalars`` (converted by float() in the call) between the counts and the outputs."""
+    C = dispatch.cext()
+    G = _check_G(G)
+    sizes_np = _host_counts(sizes, "sizes")
+    counts_np = _host_counts(counts, count_name)
+    B = G.shape[0]
+    nmax = int(counts_np.max()) if B else 0
+    idx = torch.full((B, nmax), -1, dtype=torch.int64, device=G.device)
+    val = torch.full((B, nmax), val_fill, dtype=G.dtype if val_dtype is None else val_dtype, device=G.device)
+    if B == 0 or nmax == 0:
+        return idx, val
+    if G.device.type == "cuda":
+        with torch.cuda.device(G.device):
+            getattr(C, name + "_device")(G, sizes_np, counts_np, *map(float, scalars), idx, val,
+                                         _stream_of(G.device))
+    elif G.device.type == "cpu":
+        getattr(C, name + "_host")(G.numpy(), sizes_np, counts_np, *map(float, scalars), idx.numpy(), val.numpy())
+    else:
+        raise ValueError(f"the compiled backend runs on cpu or cuda tensors; got {G.device}")
+    return idx, val
+
+
 def greedy_remove_cext(G: torch.Tensor, sizes: torch.Tensor, n_remove: torch.Tensor):
     """Batched ThiNet greedy removal on ``_C`` (host path for CPU tensors, CUDA kernels
     for CUDA tensors). Returns order (B, nmax) int64 (-1 padded) and cumulative errors
     (B, nmax) in G's dtype (+inf padded), bit-for-bit equal to the torch reference."""
-    C = dispatch.cext()
-    G = _check_G(G)
-    sizes_np = _host_counts(sizes, "sizes")
-    counts_np = _host_counts(n_remove, "n_remove")
-    B = G.shape[0]
-    nmax = int(counts_np.max()) if B else 0
-    order = torch.full((B, nmax), -1, dtype=torch.int64, device=G.device)
-    errors = torch.full((B, nmax), float("inf"), dtype=G.dtype, device=G.device)
-    if B == 0 or nmax == 0:
-        return order, errors
-    if G.device.type == "cuda":
-        with torch.cuda.device(G.device):
-            C.greedy_remove_device(G, sizes_np, counts_np, order, errors, _stream_of(G.device))
-    elif G.device.type == "cpu":
-        C.greedy_remove_host(G.numpy(), sizes_np, counts_np, order.numpy(), errors.numpy())
-    else:
-        raise ValueError(f"the compiled backend runs on cpu or cuda tensors; got {G.device}")
-    return order, errors
+    return _run("greedy_remove", G, sizes, n_remove, "n_remove", float("inf"), None)
 
 
 def greedy_keep_ls_cext(G: torch.Tensor, sizes: torch.Tensor, n_keep: torch.Tensor, ridge: float):
     """Batched forward least-squares selection on ``_C``. Returns keep (B, nmax) int64
     (-1 padded, in the order chosen) and float64 weights (B, nmax) (0 padded)."""
-    C = dispatch.cext()
-    G = _check_G(G)
-    sizes_np = _host_counts(sizes, "sizes")
-    counts_np = _host_counts(n_keep, "n_keep")
-    B = G.shape[0]
-    nmax = int(counts_np.max()) if B else 0
-    keep = torch.full((B, nmax), -1, dtype=torch.int64, device=G.device)
-    weights = torch.zeros((B, nmax), dtype=torch.float64, device=G.device)
-    if B == 0 or nmax == 0:
-        return keep, weights
-    if G.device.type == "cuda":
-        with torch.cuda.device(G.device):
-            C.greedy_keep_ls_device(G, sizes_np, counts_np, float(ridge), keep, weights,
-                                    _stream_of(G.device))
-    elif G.device.type == "cpu":
-        C.greedy_keep_ls_host(G.numpy(), sizes_np, counts_np, float(ridge), keep.numpy(), weights.numpy())
-    else:
-        raise ValueError(f"the compiled backend runs on cpu or cuda tensors; got {G.device}")
-    return keep, weights
+    return _run("greedy_keep_ls", G, sizes, n_keep, "n_keep", 0.0, torch.float64, ridge)

@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gram import (as_index, check_acc_dtype, check_block, check_device, check_input_dtype, interpreted,
-                   maybe_channels_last, mirror_upper, sample_splits, upper_tiles)
+from .gram import (as_index, check_acc_dtype, check_device, check_input_dtype, interpreted,
+                   maybe_channels_last, mirror_upper, pick_block, tile_plan, tile_setup)
 
 __all__ = ["patch_moments_triton", "gram_from_cov_triton",
            "COV_BLOCK_S", "COV_BLOCK_D", "G_BLOCK_C", "G_BLOCK_K", "DOT_PRECISION"]
@@ -85,18 +85,9 @@ def _patch_moments_kernel(x_ptr, img_ptr, oy_ptr, ox_ptr, p_ptr, zs_ptr, ti_ptr,
                           PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                           NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, C_OFF64: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    ti = tl.load(ti_ptr + pid_t)
-    tj = tl.load(tj_ptr + pid_t)
-    offs_i = ti * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_j = tj * BLOCK_D + tl.arange(0, BLOCK_D)
-    mi = offs_i < D
-    mj = offs_j < D
+    pid_s, ti, tj, offs_i, offs_j, mi, mj, s_begin, s_end = tile_setup(ti_ptr, tj_ptr, D, S, s_per_split, BLOCK_D)
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     zacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    s_begin = pid_s * s_per_split
-    s_end = tl.minimum(s_begin + s_per_split, S)
     for s0 in range(s_begin, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         ms = offs_s < s_end
@@ -149,19 +140,14 @@ def patch_moments_triton(x, geometry, img, oy, ox, *, acc_dtype: torch.dtype = t
         return P, zsum
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation
     interp = interpreted()
-    if block_d is None:
-        block_d = min(INTERP_BLOCK_D_MAX, max(16, triton.next_power_of_2(D))) if interp else COV_BLOCK_D
-    if block_s is None:
-        block_s = min(INTERP_BLOCK_S, max(16, triton.next_power_of_2(S))) if interp else COV_BLOCK_S
+    block_d = pick_block(op, "block_d", block_d, D, INTERP_BLOCK_D_MAX, COV_BLOCK_D)
+    block_s = pick_block(op, "block_s", block_s, S, INTERP_BLOCK_S, COV_BLOCK_S)
     if native_dot is None:
         native_dot = x.dtype in (torch.float16, torch.bfloat16) and not interp
     if interp:
         native_dot = False  # numpy has no bfloat16 matmul
-    block_d, block_s = check_block(op, "block_d", block_d), check_block(op, "block_s", block_s)
     x = maybe_channels_last(x, S * D, channels_last)
-    n_tiles = triton.cdiv(D, block_d)
-    ti, tj = upper_tiles(n_tiles, dev)
-    n_split, s_per_split = sample_splits(S, block_s, ti.numel(), dev)
+    ti, tj, n_split, s_per_split = tile_plan(D, block_d, S, block_s, dev)
     if n_split > 1:
         p_out = torch.zeros(n_split, D, D, dtype=torch.float32, device=dev)
         z_out = torch.zeros(n_split, D, dtype=torch.float32, device=dev)
@@ -231,11 +217,8 @@ def gram_from_cov_triton(kernel, P, *, fuse_a: bool = True, block_c: int | None 
     G = torch.empty(C, C, dtype=torch.float32, device=dev)
     if C == 0:
         return G
-    interp = interpreted()
-    if block_c is None:
-        block_c = min(INTERP_BLOCK_D_MAX, max(16, triton.next_power_of_2(C))) if interp else G_BLOCK_C
-    if block_k is None:
-        block_k = min(INTERP_BLOCK_K_MAX, max(16, triton.next_power_of_2(K))) if interp else G_BLOCK_K
+    block_c = pick_block(op, "block_c", block_c, C, INTERP_BLOCK_D_MAX, G_BLOCK_C)
+    block_k = pick_block(op, "block_k", block_k, K, INTERP_BLOCK_K_MAX, G_BLOCK_K)
     if fuse_a:
         Wt = Wf.to(torch.float32).permute(0, 2, 1).contiguous()  # (K, t, C): channels contiguous
         A = P  # unused
@@ -244,7 +227,6 @@ def gram_from_cov_triton(kernel, P, *, fuse_a: bool = True, block_c: int | None 
         W2 = Wf.reshape(K, D).to(torch.float32)
         A = (W2.T @ W2).contiguous()
         Wt, swk, swu = P, 0, 0  # unused
-    block_c, block_k = check_block(op, "block_c", block_c), check_block(op, "block_k", block_k)
     grid = (triton.cdiv(C, block_c), triton.cdiv(C, block_c))
     _gram_from_cov_kernel[grid](
         Wt, A, P, G, K, C, D, swk, swu,

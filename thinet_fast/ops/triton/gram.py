@@ -113,6 +113,22 @@ def check_block(op: str, name: str, value: int) -> int:
     return value
 
 
+def pick_block(op: str, name: str, value: int | None, n: int, interp_max: int, gpu_default: int) -> int:
+    """``value`` (checked by :func:`check_block`), or by default ``gpu_default`` on a GPU and
+    in the interpreter one block covering ``n`` (a power of two, 16 to ``interp_max``)."""
+    if value is None:
+        value = min(interp_max, max(16, triton.next_power_of_2(n))) if interpreted() else gpu_default
+    return check_block(op, name, value)
+
+
+def tile_plan(n: int, block: int, S: int, block_s: int, device: torch.device):
+    """(ti, tj, n_split, samples per split) for an (n x n) output in (block x block) tiles of
+    the upper triangle and S samples: :func:`upper_tiles`, then :func:`sample_splits`."""
+    ti, tj = upper_tiles(triton.cdiv(n, block), device)
+    n_split, s_per_split = sample_splits(S, block_s, ti.numel(), device)
+    return ti, tj, n_split, s_per_split
+
+
 def maybe_channels_last(x: torch.Tensor, gathered: int, channels_last: bool | None) -> torch.Tensor:
     """Make the channels of the (N, C, H, W) map contiguous for the gathers.
 
@@ -141,6 +157,22 @@ def as_index(v: torch.Tensor, device, name: str, bound: int | None = None) -> to
 
 
 # ------------------------------------------------------------------ kernel
+@triton.jit
+def tile_setup(ti_ptr, tj_ptr, N, S, s_per_split, BLOCK: tl.constexpr):
+    """This program's tile (ti, tj) of the upper triangle of an (N x N) output, with its
+    row/column offsets and masks, and its slice [s_begin, s_end) of the S samples.
+    Returns (pid_s, ti, tj, offs_i, offs_j, mi, mj, s_begin, s_end)."""
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    ti = tl.load(ti_ptr + pid_t)
+    tj = tl.load(tj_ptr + pid_t)
+    offs_i = ti * BLOCK + tl.arange(0, BLOCK)
+    offs_j = tj * BLOCK + tl.arange(0, BLOCK)
+    s_begin = pid_s * s_per_split
+    s_end = tl.minimum(s_begin + s_per_split, S)
+    return pid_s, ti, tj, offs_i, offs_j, offs_i < N, offs_j < N, s_begin, s_end
+
+
 @triton.jit
 def _contrib_block(x_ptr, w_ptr, img, oy, ox, kk, ms, offs_c, mc, H, W,
                    sxn, sxc, sxh, sxw, swk, swh, sww,
@@ -185,17 +217,8 @@ def _sampled_gram_kernel(x_ptr, w_ptr, img_ptr, oy_ptr, ox_ptr, k_ptr, out_ptr, 
                          PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          C_OFF64: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    ti = tl.load(ti_ptr + pid_t)
-    tj = tl.load(tj_ptr + pid_t)
-    offs_i = ti * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_j = tj * BLOCK_C + tl.arange(0, BLOCK_C)
-    mi = offs_i < C
-    mj = offs_j < C
+    pid_s, ti, tj, offs_i, offs_j, mi, mj, s_begin, s_end = tile_setup(ti_ptr, tj_ptr, C, S, s_per_split, BLOCK_C)
     acc = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
-    s_begin = pid_s * s_per_split
-    s_end = tl.minimum(s_begin + s_per_split, S)
     for s0 in range(s_begin, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         ms = offs_s < s_end
@@ -251,16 +274,10 @@ def sampled_gram_triton(x, kernel, geometry, img, oy, ox, k, *, acc_dtype: torch
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation
     # The weight as (K, kh, kw, C): the per-sample gather of W[k_s, :, u] reads contiguous channels.
     Wp = kernel.to(torch.float32).permute(0, 2, 3, 1).contiguous()
-    interp = interpreted()
-    if block_c is None:
-        block_c = min(INTERP_BLOCK_C_MAX, max(16, triton.next_power_of_2(C))) if interp else BLOCK_C
-    if block_s is None:
-        block_s = min(INTERP_BLOCK_S, max(16, triton.next_power_of_2(S))) if interp else BLOCK_S
-    block_c, block_s = check_block(op, "block_c", block_c), check_block(op, "block_s", block_s)
+    block_c = pick_block(op, "block_c", block_c, C, INTERP_BLOCK_C_MAX, BLOCK_C)
+    block_s = pick_block(op, "block_s", block_s, S, INTERP_BLOCK_S, BLOCK_S)
     x = maybe_channels_last(x, S * geometry.taps * C, channels_last)
-    n_tiles = triton.cdiv(C, block_c)
-    ti, tj = upper_tiles(n_tiles, dev)
-    n_split, s_per_split = sample_splits(S, block_s, ti.numel(), dev)
+    ti, tj, n_split, s_per_split = tile_plan(C, block_c, S, block_s, dev)
     out = torch.zeros(n_split, C, C, dtype=torch.float32, device=dev) if n_split > 1 else G.unsqueeze(0)
     grid = (ti.numel(), n_split)
     _sampled_gram_kernel[grid](
