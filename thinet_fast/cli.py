@@ -80,7 +80,9 @@ def cmd_prune(args):
                    schedule=args.schedule, num_images=args.num_images, samples_per_image=args.samples_per_image,
                    seed=args.seed, device=args.device, backend=args.backend, resume=args.resume)
     if args.preset:
-        options.update(preset=args.preset, keep=None)
+        options.update(preset=args.preset)
+    elif args.flops_target:
+        options.update(flops_target=args.flops_target, min_keep=args.min_keep)
     else:
         options["keep"] = args.keep
         if args.units:
@@ -179,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-image", type=int, default=10)
     p.add_argument("--preset", choices=sorted(tf.presets.PRESETS))
     p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--flops-target", type=float, help="keep this fraction of the FLOPs; per-unit keep from the "
+                                                       "greedy error curves (instead of --keep)")
+    p.add_argument("--min-keep", type=float, default=0.1, help="with --flops-target: the least fraction a unit keeps")
     p.add_argument("--units", help="comma list of producer fqns to prune")
     p.add_argument("--method", default="thinet", choices=tf.pipeline.config.METHODS)
     p.add_argument("--statistics", default="auto", choices=tf.pipeline.config.STATISTICS)

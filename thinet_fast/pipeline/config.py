@@ -21,7 +21,10 @@ class PruneConfig:
     Attributes:
         keep: fraction of channels to keep (0 < keep <= 1), for every unit, or a dict
             producer fqn -> fraction (float) or channel count (int). Units absent from
-            a dict are not pruned.
+            a dict are not pruned. Default 0.5 unless ``flops_target`` or ``preset``.
+        flops_target: instead of ``keep``: the fraction of the model's FLOPs to keep;
+            per-unit keep counts are allocated from the greedy error curves (DESIGN §6).
+        min_keep: with ``flops_target``: the fraction every unit keeps at least.
         method: "thinet" (greedy removal, ICCV), "thinet_ls" (forward least squares,
             journal), or the baselines "random", "weight_sum", "apoz", "lasso".
         statistics: "sampled" (paper), "full" (exact over every output), "direct"
@@ -50,7 +53,7 @@ class PruneConfig:
         progress: show progress bars.
     """
 
-    keep: float | Mapping[str, float | int] | None = 0.5
+    keep: float | Mapping[str, float | int] | None = None
     method: str = "thinet"
     statistics: str = "auto"
     reconstruction: str = "scale"
@@ -68,6 +71,8 @@ class PruneConfig:
     resume: str | None = None
     inplace: bool = False
     preset: str | None = None
+    flops_target: float | None = None
+    min_keep: float = 0.1
     stats_dtype: torch.dtype = torch.float32
     ridge: float = 1e-8
     progress: bool = True
@@ -82,8 +87,15 @@ class PruneConfig:
         _one_of("reconstruction", self.reconstruction, RECONSTRUCTIONS)
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("backend", self.backend, BACKENDS)
-        if self.keep is None and self.preset is None:
-            raise ValueError("give keep= (a fraction or a dict) or preset=")
+        chosen = [n for n in ("keep", "preset", "flops_target") if getattr(self, n) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"give one of keep=, preset= or flops_target=; got {', '.join(chosen)}")
+        if not chosen:
+            self.keep = 0.5
+        if self.flops_target is not None and not 0.0 < self.flops_target < 1.0:
+            raise ValueError(f"flops_target={self.flops_target} must lie in (0, 1): the fraction of FLOPs to keep")
+        if not 0.0 < self.min_keep <= 1.0:
+            raise ValueError(f"min_keep={self.min_keep} must lie in (0, 1]")
         if isinstance(self.keep, Mapping):
             for fqn, v in self.keep.items():
                 _check_keep(v, f"keep[{fqn!r}]")
@@ -118,7 +130,7 @@ class PruneConfig:
     def fingerprint(self) -> dict:
         """The options that decide the result (a resumed run must match them)."""
         keys = ("keep", "method", "statistics", "reconstruction", "bias_compensation", "schedule",
-                "num_images", "samples_per_image", "seed", "units", "preset", "ridge")
+                "num_images", "samples_per_image", "seed", "units", "preset", "ridge", "flops_target", "min_keep")
         out = {k: getattr(self, k) for k in keys}
         out["keep"] = dict(self.keep) if isinstance(self.keep, Mapping) else self.keep
         out["stats_dtype"] = str(self.stats_dtype)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..report import Report, build_report
 from ..units import UnitPlan, find_units
+from .budget import allocate_flops
 from .calibrate import recalibrate_batchnorm
 from .collect import _model_device, iter_batches
 from .config import PruneConfig, n_keep_for
@@ -93,11 +94,20 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
     plan = find_units(work, example, units=units_arg, filter_fn=cfg.filter_fn)
     if not plan.units:
         raise ValueError("no prunable units were selected; see the refused channels:\n" + str(plan))
-    n_keep = _plan_keeps(plan, cfg, preset)
+    notes = []
+    if cfg.flops_target is not None:
+        n_keep, _, note = allocate_flops(
+            work, plan.units, data, example[:1], flops_target=cfg.flops_target, min_keep=cfg.min_keep,
+            backend=cfg.backend, collect_kwargs=dict(
+                statistics=cfg.statistics, num_images=cfg.num_images, samples_per_image=cfg.samples_per_image,
+                seed=cfg.seed, dtype=cfg.stats_dtype, device=device, count_zeros=False,
+                progress=cfg.progress, desc="statistics (budget)"))
+        notes.append(note)
+    else:
+        n_keep = _plan_keeps(plan, cfg, preset)
 
     run = run_sequential if cfg.schedule == "sequential" else run_oneshot
     records = run(work, plan.units, n_keep, data, cfg, device)
-    notes = []
     if preset is not None and preset.transform is not None:
         work = preset.transform(work)
         notes.append(f"preset {preset.name}: {preset.note}")

@@ -1,0 +1,69 @@
+"""FLOPs budgets: per-unit keep counts from the greedy error curves (DESIGN §6)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..counting import count_flops, profile
+from ..ops.budget import allocate_budget
+from ..rewrite import prune_unit_
+from ..units import Unit, get_module
+from .collect import collect_statistics
+from .decide import select_thinet_batched
+
+
+def _channel_costs(model: nn.Module, units: list[Unit], example: torch.Tensor) -> list[float]:
+    """FLOPs one channel of each unit costs at the current widths: its producer filter,
+    plus its share of the consumer's input (and of a depthwise follower)."""
+    layers = {lc.name: lc.flops for lc in profile(model, example).layers}
+    costs = []
+    for u in units:
+        cost = layers.get(u.producer, 0) / u.channels + layers.get(u.consumer, 0) / u.channels
+        for f in u.followers:
+            if isinstance(get_module(model, f), nn.Conv2d):
+                cost += layers.get(f, 0) / u.channels
+        costs.append(max(cost, 1.0))
+    return costs
+
+
+def _flops_with(model: nn.Module, units: list[Unit], keep: dict[str, int], example: torch.Tensor) -> int:
+    """FLOPs of the model cut to ``keep`` (shapes only, on the meta device)."""
+    shadow = copy.deepcopy(model).to("meta")
+    for u in units:
+        prune_unit_(shadow, u, torch.arange(keep[u.producer]))
+    return count_flops(shadow, example.to("meta"))
+
+
+def allocate_flops(model: nn.Module, units: list[Unit], data, example: torch.Tensor, *, flops_target: float,
+                   min_keep: float, collect_kwargs: dict, backend: str = "auto", rounds: int = 6):
+    """Keep counts that bring the model to ``flops_target`` × its FLOPs with the least
+    summed relative ThiNet error. Returns (keep dict, achieved FLOPs fraction, note)."""
+    stats = collect_statistics(model, units, data, **collect_kwargs)
+    selections = select_thinet_batched([stats[u.producer] for u in units], [u.channels for u in units],
+                                       backend=backend)
+    curves = [curve for _, curve in selections]
+    costs = _channel_costs(model, units, example)
+    total = count_flops(model, example)
+    mins = [max(1, int(round(min_keep * u.channels))) for u in units]
+    goal = (1.0 - flops_target) * total
+    target = goal
+    for _ in range(rounds):
+        # per-channel costs add up to more than the joint saving (a conv that loses input
+        # and output channels saves their product once), so raise the target until the
+        # real count meets the budget
+        removed = allocate_budget(curves, costs, min(target, sum(c * (u.channels - m) for c, u, m in
+                                                              zip(costs, units, mins))), min_keep=mins)
+        keep = {u.producer: u.channels - r for u, r in zip(units, removed)}
+        achieved = _flops_with(model, units, keep, example)
+        short = achieved - flops_target * total
+        if short <= 0:
+            break
+        target += short
+    frac = achieved / total
+    note = (f"FLOPs budget {flops_target:.3f}: kept {frac:.3f} of {total / 1e6:.2f}M FLOPs "
+            f"(min_keep {min_keep}); per-unit keep allocated from the greedy error curves")
+    if frac > flops_target + 1e-9:
+        note += f"; the budget could not be met within min_keep={min_keep}"
+    return keep, frac, note
