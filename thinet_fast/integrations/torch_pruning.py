@@ -1,0 +1,529 @@
+"""ThiNet as a Torch-Pruning importance criterion.
+
+`Torch-Pruning <https://github.com/VainF/Torch-Pruning>`_ finds the groups of coupled
+channels of a model (its ``DependencyGraph``) and asks an *importance* for a 1-D score
+per channel of each group (higher = keep). :class:`ThiNetImportance` answers with
+ThiNet's ranking (DESIGN.md §4): the group's channels in the order ThiNet's greedy
+removal (or the journal's forward least squares) would drop them, computed from the
+Gram matrix of the group's *consumers* (the ``Conv2d``/``Linear`` layers that read the
+channels), streamed from calibration data with thinet_fast's accumulators.
+
+A group whose channels are read by several consumers (a residual stream, a concat, a
+layer feeding two branches) is ranked on the sum of all consumers' Gram matrices
+(DESIGN.md §2). A reader that thinet_fast cannot express (a grouped conv, LayerNorm,
+an LSTM, attention, a Conv1d, ...) raises :class:`UnsupportedGroupError` naming it; a
+group with no reader at all (its channels are the model output, e.g. the classifier)
+gets ``None``, which Torch-Pruning treats as "do not prune this group".
+
+Only the selection comes from ThiNet: Torch-Pruning cuts the channels and does not
+rescale the kept ones (use :func:`thinet_fast.prune` for ThiNet's least-squares
+reconstruction, bias compensation and BN re-estimation).
+
+Example::
+
+    import torch, thinet_fast
+    from thinet_fast.integrations.torch_pruning import thinet_pruner
+
+    model = thinet_fast.models.DemoResNet()
+    pruner = thinet_pruner(model, torch.randn(1, 1, 28, 28), calib_loader,
+                           pruning_ratio=0.5, num_images=1000)
+    pruner.step()            # model is now pruned in place by Torch-Pruning
+
+or, with any Torch-Pruning pruner::
+
+    imp = ThiNetImportance(calib_loader, num_images=1000, statistics="auto")
+    pruner = torch_pruning.pruner.BasePruner(model, example, importance=imp, ...)
+
+Importing this module needs Torch-Pruning (``pip install torch-pruning``, tested with
+1.6.1); ``import thinet_fast`` never imports it.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+try:
+    import torch_pruning as tp
+except ImportError as _exc:  # pragma: no cover - exercised by a test that hides the package
+    raise ImportError(
+        "thinet_fast.integrations.torch_pruning needs Torch-Pruning, which is not importable "
+        f"({_exc}). Install it with: pip install torch-pruning"
+    ) from _exc
+
+from ..ops.dispatch import BACKEND_NAMES
+from ..ops.greedy import greedy_keep_ls, greedy_remove
+from ..ops.patches import ConsumerGeometry
+from ..ops.stats import MODES, STATS_BACKENDS, StatsAccumulator, choose_mode
+from ..pipeline.collect import iter_batches, reduce_accumulators
+from ..pipeline.decide import selection_backend
+
+__all__ = ["ThiNetImportance", "UnsupportedGroupError", "thinet_pruner"]
+
+STATISTICS = MODES + ("auto",)
+METHODS = ("thinet", "thinet_ls")
+# A Linear consumer whose features do not come in aligned per-channel blocks is taken
+# feature by feature (t = 1, exact); its Gram is then in_features² entries.
+MAX_FEATURE_GRAM = 16384
+
+
+class UnsupportedGroupError(ValueError):
+    """A group's channels reach a layer whose statistics thinet_fast cannot express."""
+
+
+class _StopForward(Exception):
+    """Raised inside a hook once every consumer of interest has seen the batch."""
+
+
+# ----------------------------------------------------------------- group analysis
+@dataclass(frozen=True, eq=False)
+class _Consumer:
+    """A layer that reads the group's channels, as thinet_fast sees it."""
+
+    module: nn.Module
+    name: str
+    kind: str                      # "conv" | "linear"
+    geometry: ConsumerGeometry
+    channels: int                  # C: the consumer's input channels (all of them)
+
+    @property
+    def taps(self) -> int:
+        return self.geometry.taps
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (id(self.module), self.taps)
+
+
+@dataclass(frozen=True, eq=False)
+class _Link:
+    """Which of a consumer's input channels carry which of the group's root channels."""
+
+    consumer: _Consumer
+    channels: torch.Tensor         # (m,) consumer input channels
+    positions: torch.Tensor        # (m,) their positions in the group's root idxs
+
+
+def _name(DG, module) -> str:
+    name = DG._module2name.get(module) if hasattr(DG, "_module2name") else None
+    return name if name else f"<{type(module).__name__}>"
+
+
+def _root_idxs(item) -> list:
+    root = getattr(item, "root_idxs", None)
+    return list(item.idxs) if root is None else list(root)
+
+
+def _conv_geometry(module: nn.Conv2d, name: str) -> ConsumerGeometry:
+    if module.padding_mode != "zeros":
+        raise UnsupportedGroupError(
+            f"consumer `{name}` uses padding_mode={module.padding_mode!r}; thinet_fast's patch statistics "
+            "assume zero padding. Add its producer(s) to ignored_layers.")
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        else:  # "same": symmetric only when the total padding is even and the stride is 1
+            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+            if any(s != 1 for s in module.stride) or any(p % 2 for p in total):
+                raise UnsupportedGroupError(
+                    f"consumer `{name}` uses padding='same' with an asymmetric padding; "
+                    "build it with explicit integer padding or add its producer(s) to ignored_layers.")
+            padding = tuple(p // 2 for p in total)
+    return ConsumerGeometry.conv(module.kernel_size, module.stride, padding, module.dilation)
+
+
+def _linear_link(module: nn.Linear, name: str, pairs: list[tuple[int, int]], pos: dict) -> tuple[_Consumer, list, list]:
+    """A Linear after flatten reads C·t features, channel-major (feature ``c*t + u``).
+    Torch-Pruning maps each root channel to its t features; recover t and c."""
+    F = module.in_features
+    by_root: dict[Any, list[int]] = {}
+    for f, r in pairs:
+        by_root.setdefault(r, []).append(f)
+    sizes = {len(set(fs)) for fs in by_root.values()}
+    t = sizes.pop() if len(sizes) == 1 else 1
+    aligned = t >= 1 and F % t == 0 and all(
+        sorted(set(fs)) == list(range(min(fs), min(fs) + t)) and min(fs) % t == 0 for fs in by_root.values())
+    if not aligned:
+        t = 1
+        if F > MAX_FEATURE_GRAM:
+            raise UnsupportedGroupError(
+                f"consumer `{name}` (Linear, {F} inputs) reads these channels in a layout that is not "
+                "channel-major blocks of equal size, and a per-feature Gram would be too large. "
+                "Add its producer(s) to ignored_layers.")
+    cons = _Consumer(module, name, "linear", ConsumerGeometry.dense(t), F // t)
+    chans = [f // t for f, _ in pairs]
+    return cons, chans, [pos[r] for _, r in pairs]
+
+
+_CHANNELWISE = (nn.modules.batchnorm._BatchNorm, nn.PReLU, nn.modules.instancenorm._InstanceNorm)
+
+
+def _analyse(group) -> tuple[list, list[_Link], list[str]]:
+    """Root idxs, consumer links, and producer names of a Torch-Pruning group.
+
+    Raises :class:`UnsupportedGroupError` for a reader thinet_fast cannot express.
+    """
+    DG = getattr(group, "_DG", None)
+    if DG is None:
+        raise TypeError("ThiNetImportance needs a torch_pruning Group made by a DependencyGraph "
+                        "(DG.get_pruning_group / DG.get_all_groups / a pruner); got one without its graph")
+    items = list(group)
+    if not items:
+        raise ValueError("empty Torch-Pruning group")
+    roots = _root_idxs(items[0])
+    pos = {r: i for i, r in enumerate(roots)}
+    links: list[_Link] = []
+    producers: list[str] = []
+    for item in items:
+        dep, idxs = item[0], item[1]
+        module, handler = dep.target.module, dep.handler
+        if isinstance(module, nn.Parameter):
+            continue  # an unwrapped per-channel parameter: it loses the same channels
+        if type(module).__module__.startswith("torch_pruning"):
+            continue  # traced functional ops (add, cat, split, flatten, pooling, activations)
+        is_in, is_out = DG.is_in_channel_pruning_fn(handler), DG.is_out_channel_pruning_fn(handler)
+        name = _name(DG, module)
+        if isinstance(module, nn.Conv2d) and module.groups > 1:
+            if module.groups == module.in_channels == module.out_channels:
+                continue  # depthwise: channel-wise, a follower (DESIGN §2)
+            if is_in:
+                raise UnsupportedGroupError(
+                    f"`{name}` is a grouped Conv2d (groups={module.groups}) that reads these channels; thinet_fast "
+                    "expresses Conv2d (groups=1, or depthwise) and Linear consumers. Add the group's producer(s) "
+                    "to ignored_layers.")
+        if is_in and not is_out:  # the layer's *input* channels are pruned: a reader
+            local = [int(i) for i in idxs]
+            rs = _root_idxs(item)
+            pairs = [(c, r) for c, r in zip(local, rs) if r is not None and r in pos]
+            if not pairs:
+                continue
+            if isinstance(module, nn.Conv2d):  # groups == 1 here (grouped/depthwise handled above)
+                cons = _Consumer(module, name, "conv", _conv_geometry(module, name), module.in_channels)
+                chans, posl = [c for c, _ in pairs], [pos[r] for _, r in pairs]
+            elif isinstance(module, nn.Linear):
+                cons, chans, posl = _linear_link(module, name, pairs, pos)
+            else:
+                raise UnsupportedGroupError(
+                    f"`{name}` ({type(module).__name__}) reads these channels; thinet_fast takes statistics at "
+                    "Conv2d (groups=1) and Linear consumers only. Add the group's producer(s) to ignored_layers.")
+            uniq = sorted(set(zip(chans, posl)))
+            seen: dict[int, int] = {}
+            for c, p in uniq:
+                if seen.setdefault(c, p) != p:
+                    raise UnsupportedGroupError(
+                        f"input channel {c} of consumer `{name}` maps to two channels of the group; "
+                        "ThiNet cannot rank such a group")
+            links.append(_Link(cons, torch.tensor([c for c, _ in uniq], dtype=torch.long),
+                               torch.tensor([p for _, p in uniq], dtype=torch.long)))
+        elif is_out and not is_in:
+            producers.append(name)  # a layer whose outputs these channels are
+        elif isinstance(module, _CHANNELWISE) or isinstance(module, nn.Embedding):
+            continue  # channel-wise followers (and embeddings, which only produce channels)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            raise UnsupportedGroupError(
+                f"`{name}` ({type(module).__name__}) normalises across these channels, so removing one changes "
+                "the others; ThiNet's statistics cannot express that. Add the group's producer(s) to ignored_layers.")
+        else:
+            raise UnsupportedGroupError(
+                f"`{name}` ({type(module).__name__}) is coupled to these channels and thinet_fast does not know "
+                "how it reads them (it takes statistics at Conv2d/Linear consumers through channel-wise layers). "
+                "Add the group's producer(s) to ignored_layers.")
+    # one link per consumer: merge repeated items of the same module
+    merged: dict[tuple[int, int], _Link] = {}
+    for ln in links:
+        old = merged.get(ln.consumer.key)
+        if old is None:
+            merged[ln.consumer.key] = ln
+        else:
+            pairs = sorted(set(zip(old.channels.tolist(), old.positions.tolist())) |
+                           set(zip(ln.channels.tolist(), ln.positions.tolist())))
+            merged[ln.consumer.key] = _Link(old.consumer, torch.tensor([c for c, _ in pairs]),
+                                            torch.tensor([p for _, p in pairs]))
+    return roots, list(merged.values()), producers
+
+
+def _state_key(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced, resized or modified in place
+    (autograd's version counter). Edits through ``.data`` are not seen: call ``reset()``."""
+    return (id(model),) + tuple(
+        (id(t), t.data_ptr(), tuple(t.shape), t._version)
+        for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _rank_offset() -> int:
+    # the same per-process offset thinet_fast.collect_statistics adds to its seeds
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return 7919 * torch.distributed.get_rank()
+    return 0
+
+
+# ----------------------------------------------------------------- the importance
+class ThiNetImportance(tp.importance.Importance):
+    """ThiNet's channel ranking as a Torch-Pruning importance: ``imp(group)`` returns one
+    score per channel of ``group`` (in the order of the group's root idxs), higher =
+    kept longer.
+
+    For each consumer of the group (a ``Conv2d`` with groups=1 or a ``Linear``, reached
+    through channel-wise layers, residual adds, concats or flatten) it streams the
+    consumer's input from ``data`` into a :class:`thinet_fast.StatsAccumulator`, sums the
+    consumers' Gram matrices over the group's channels, and ranks the channels:
+
+    * ``method="thinet"``: ``thinet_fast.greedy_remove(G, C - 1)``; the channel removed
+      first scores 0, the next 1, ..., the one never removed C - 1;
+    * ``method="thinet_ls"``: ``thinet_fast.greedy_keep_ls(G, C)``; the channel kept
+      first scores C - 1, the last one 0.
+
+    With ``normalize=True`` (default) the scores are divided by C - 1, so every group's
+    scores lie in [0, 1] (with ``global_pruning=True`` Torch-Pruning then prunes about
+    the same fraction of every group; ThiNet's ranks are not comparable across layers).
+
+    Statistics: all consumers are collected in one pass over ``data`` (forward pre-hooks,
+    always removed, the forward cut short after the last consumer, the model in eval mode
+    and its per-module train flags restored afterwards). With ``prefetch=True`` the first
+    call also collects the consumers of every other group of the dependency graph, so a
+    pruning step costs one pass. Results are cached while the model is unchanged: the key
+    holds every parameter's and buffer's identity, storage, shape and version counter, so
+    a pruning step, an optimizer step or ``load_state_dict`` triggers a new pass. Edits
+    through ``.data`` are invisible to it: call :meth:`reset` then.
+
+    Each consumer's accumulator is seeded as ``collect_statistics`` seeds a single unit
+    (``seed * 1_000_003``, plus a per-rank offset under ``torch.distributed``, where the
+    buffers are summed across processes), so for a plain unit the Gram equals
+    ``thinet_fast.collect_statistics(model, [unit], data, seed=seed, ...)``'s.
+
+    Args:
+        data: calibration batches: a tensor, or a re-iterable (list, DataLoader) of tensors
+            or ``(input, target, ...)`` tuples. Iterated again whenever the model changed.
+        num_images: images to use per pass (paper: 10 per class).
+        samples_per_image: locations per image (paper: 10); None = every location.
+        statistics: "sampled" (paper), "full" (exact over every output), "direct", or
+            "auto" (full while (C·t)² is small, direct otherwise), per consumer.
+        method: "thinet" (greedy removal, ICCV) or "thinet_ls" (forward least squares).
+        seed: sampling seed.
+        backend: preferred kernel backend ("auto", "torch", "cpu", "cuda", "cupy",
+            "triton"); each op uses it where it implements it and "auto" elsewhere.
+        dtype: accumulation dtype (float32 or float64).
+        normalize: divide the ranks by C - 1.
+        prefetch: collect every group's consumers on the first call for a model state.
+        ignored_layers: layers (or containers) whose groups are not prefetched (pass the
+            pruner's ``ignored_layers``; :func:`thinet_pruner` does).
+        root_module_types: the pruner's root module types (for prefetching).
+    """
+
+    def __init__(self, data, *, num_images: int = 1000, samples_per_image: Optional[int] = 10,
+                 statistics: str = "auto", method: str = "thinet", seed: int = 0, backend: str = "auto",
+                 dtype: torch.dtype = torch.float32, normalize: bool = True, prefetch: bool = True,
+                 ignored_layers: Optional[Sequence[nn.Module]] = None,
+                 root_module_types: Optional[Sequence[type]] = None) -> None:
+        if data is None:
+            raise ValueError("ThiNetImportance needs calibration data (a tensor, list of batches or DataLoader)")
+        if not isinstance(data, torch.Tensor) and iter(data) is data:
+            raise TypeError("data is a one-shot iterator; ThiNetImportance iterates it again whenever the model "
+                            "changes. Pass a list of batches, a tensor or a DataLoader.")
+        if statistics not in STATISTICS:
+            raise ValueError(f"statistics={statistics!r} is not one of {STATISTICS}")
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not one of {METHODS} (the baselines live in thinet_fast.prune "
+                             "and Torch-Pruning's own importances)")
+        if backend != "auto" and backend not in BACKEND_NAMES:
+            raise ValueError(f"backend={backend!r} is not one of {BACKEND_NAMES + ('auto',)}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
+        if int(num_images) < 1:
+            raise ValueError(f"num_images must be >= 1; got {num_images}")
+        if samples_per_image is not None and int(samples_per_image) < 1:
+            raise ValueError(f"samples_per_image must be >= 1 or None; got {samples_per_image}")
+        self.data = data
+        self.num_images = int(num_images)
+        self.samples_per_image = None if samples_per_image is None else int(samples_per_image)
+        self.statistics = statistics
+        self.method = method
+        self.seed = int(seed)
+        self.backend = backend
+        self.dtype = dtype
+        self.normalize = bool(normalize)
+        self.prefetch = bool(prefetch)
+        self.ignored_layers = list(ignored_layers or [])
+        self.root_module_types = tuple(root_module_types) if root_module_types is not None else (
+            tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM)
+        #: passes over ``data`` so far (one per model state with ``prefetch=True``)
+        self.collections = 0
+        self._key: Optional[tuple] = None
+        # consumer key -> (module, name, mode, Gram); the module is held so its id stays unique
+        self._stats: dict[tuple[int, int], tuple[nn.Module, str, str, torch.Tensor]] = {}
+        self._warned: set[str] = set()
+
+    # -- public helpers ---------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the cached statistics (the next call collects them again)."""
+        self._key = None
+        self._stats.clear()
+
+    @property
+    def statistics_used(self) -> dict[str, str]:
+        """Consumer name -> the statistics mode its cached Gram was built with."""
+        return {name: mode for _, name, mode, _ in self._stats.values()}
+
+    def consumers(self, group) -> list[str]:
+        """Names of the Conv2d/Linear layers that read ``group``'s channels."""
+        return [ln.consumer.name for ln in _analyse(group)[1]]
+
+    @torch.no_grad()
+    def gram(self, group) -> tuple[Optional[torch.Tensor], list[str]]:
+        """The group's Gram matrix (C×C, in the order of the root idxs): the sum of its
+        consumers' Grams restricted to the group's channels, and the consumers' names.
+        ``(None, [])`` when nothing reads the channels."""
+        _, links, _ = _analyse(group)
+        if not links:
+            return None, []
+        model = group._DG.model
+        self._ensure(model, [ln.consumer for ln in links], group._DG)
+        n = len(_root_idxs(group[0]))
+        G = None
+        for ln in links:
+            Gc = self._stats[ln.consumer.key][3]
+            if G is None:
+                G = Gc.new_zeros(n, n)
+            ch = ln.channels.to(Gc.device)
+            sub = Gc.index_select(0, ch).index_select(1, ch).to(G.device)
+            p = ln.positions.to(G.device)
+            G.index_put_((p[:, None].expand_as(sub), p[None, :].expand_as(sub)), sub, accumulate=True)
+        return G, [ln.consumer.name for ln in links]
+
+    @torch.no_grad()
+    def __call__(self, group) -> Optional[torch.Tensor]:
+        G, _ = self.gram(group)
+        if G is None:
+            root = _name(group._DG, group[0][0].target.module)
+            if root not in self._warned:
+                self._warned.add(root)
+                warnings.warn(f"ThiNetImportance: no Conv2d/Linear layer reads the channels of the group rooted at "
+                              f"`{root}` (they reach the model output); returning None, so Torch-Pruning leaves "
+                              "the group unpruned. Add it to ignored_layers to silence this.", stacklevel=3)
+            return None
+        return self.rank(G)
+
+    def rank(self, G: torch.Tensor) -> torch.Tensor:
+        """ThiNet's per-channel scores for a Gram matrix (float32, on the CPU)."""
+        n = G.shape[0]
+        if n == 1:
+            return torch.ones(1)
+        scores = torch.empty(n, dtype=torch.float32)
+        if self.method == "thinet":
+            order = greedy_remove(G, n - 1, backend=selection_backend("thinet", self.backend, G.device)).cpu()
+            scores.fill_(float(n - 1))
+            scores[order] = torch.arange(n - 1, dtype=torch.float32)
+        else:
+            keep = greedy_keep_ls(G, n, backend=selection_backend("thinet_ls", self.backend, G.device)).cpu()
+            if keep.numel() != n or bool((keep < 0).any()) or keep.unique().numel() != n:
+                raise RuntimeError(f"greedy_keep_ls returned an incomplete order {keep.tolist()} for {n} channels")
+            scores[keep] = torch.arange(n - 1, -1, -1, dtype=torch.float32)
+        return scores / (n - 1) if self.normalize else scores
+
+    # -- statistics ---------------------------------------------------------------
+    def _ensure(self, model: nn.Module, wanted: list[_Consumer], DG) -> None:
+        key = _state_key(model)
+        if key != self._key:
+            self._stats.clear()
+            self._key = key
+        todo = {c.key: c for c in wanted if c.key not in self._stats}
+        if not todo:
+            return
+        if self.prefetch:
+            for c in self._all_consumers(DG):
+                if c.key not in self._stats:
+                    todo.setdefault(c.key, c)
+        self._collect(model, list(todo.values()))
+        self._key = _state_key(model)  # unchanged by a forward in eval mode; re-read to be safe
+
+    def _all_consumers(self, DG) -> list[_Consumer]:
+        ignored = [m for layer in self.ignored_layers if isinstance(layer, nn.Module) for m in layer.modules()]
+        out = []
+        for g in DG.get_all_groups(ignored_layers=ignored, root_module_types=self.root_module_types):
+            try:
+                out += [ln.consumer for ln in _analyse(g)[1]]
+            except UnsupportedGroupError:
+                continue  # reported when (if) that group is asked for
+        return out
+
+    def _collect(self, model: nn.Module, consumers: list[_Consumer]) -> None:
+        device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+        stats_backend = self.backend if self.backend in STATS_BACKENDS else "auto"
+        seed = self.seed * 1_000_003 + _rank_offset()
+        by_module: dict[int, tuple[nn.Module, bool, list]] = {}
+        accs = []
+        for c in consumers:
+            mode = choose_mode(c.channels, c.taps) if self.statistics == "auto" else self.statistics
+            acc = StatsAccumulator(c.module.weight, c.geometry, mode=mode, samples_per_image=self.samples_per_image,
+                                   seed=seed, dtype=self.dtype, backend=stats_backend, count_zeros=False)
+            accs.append((c, acc))
+            by_module.setdefault(id(c.module), (c.module, c.kind == "linear", []))[2].append(acc)
+        wanted, seen = set(by_module), set()
+
+        def make_hook(mid, linear, accumulators):
+            def hook(module, args):
+                x = args[0]
+                if linear and x.dim() > 2:  # tokens: every position is a sample
+                    x = x.reshape(-1, x.shape[-1])
+                for acc in accumulators:
+                    acc.update(x)
+                seen.add(mid)
+                if seen >= wanted:
+                    raise _StopForward
+            return hook
+
+        flags = [(m, m.training) for m in model.modules()]
+        handles = []
+        try:
+            for mid, (module, linear, accumulators) in by_module.items():
+                handles.append(module.register_forward_pre_hook(make_hook(mid, linear, accumulators)))
+            model.eval()
+            with torch.no_grad():
+                for x in iter_batches(self.data, self.num_images, device):
+                    seen.clear()
+                    try:
+                        model(x)
+                    except _StopForward:
+                        pass
+                    if seen != wanted:
+                        missing = sorted(c.name for c in consumers if id(c.module) not in seen)
+                        raise RuntimeError(f"ThiNetImportance: the forward pass never reached consumer(s) {missing}; "
+                                           "is the group from this model?")
+        finally:
+            for h in handles:
+                h.remove()
+            for m, training in flags:
+                m.training = training
+        reduce_accumulators([acc for _, acc in accs])
+        for c, acc in accs:
+            self._stats[c.key] = (c.module, c.name, acc.mode, acc.result().gram)
+        self.collections += 1
+
+
+# ----------------------------------------------------------------- convenience
+def thinet_pruner(model: nn.Module, example_inputs, data, pruning_ratio: float = 0.5,
+                  ignored_layers: Optional[Sequence[nn.Module]] = None, *, num_images: int = 1000,
+                  samples_per_image: Optional[int] = 10, statistics: str = "auto", method: str = "thinet",
+                  seed: int = 0, backend: str = "auto", dtype: torch.dtype = torch.float32, normalize: bool = True,
+                  prefetch: bool = True, **tp_kwargs):
+    """A Torch-Pruning pruner (``tp.pruner.BasePruner``, formerly ``MetaPruner``) that
+    ranks channels with :class:`ThiNetImportance`.
+
+    ``pruning_ratio``, ``ignored_layers`` and ``**tp_kwargs`` (``global_pruning``,
+    ``iterative_steps``, ``pruning_ratio_dict``, ``round_to``, ...) go to the pruner; the
+    other keywords to the importance. ``pruner.step()`` prunes ``model`` in place. Groups
+    nothing reads (the classifier) are left alone with a warning; list them in
+    ``ignored_layers`` to silence it.
+    """
+    pruner_cls = getattr(tp.pruner, "BasePruner", None) or getattr(tp.pruner, "MetaPruner")
+    imp = ThiNetImportance(data, num_images=num_images, samples_per_image=samples_per_image, statistics=statistics,
+                           method=method, seed=seed, backend=backend, dtype=dtype, normalize=normalize,
+                           prefetch=prefetch, ignored_layers=ignored_layers,
+                           root_module_types=tp_kwargs.get("root_module_types"))
+    return pruner_cls(model, example_inputs, importance=imp, pruning_ratio=pruning_ratio,
+                      ignored_layers=list(ignored_layers) if ignored_layers is not None else None, **tp_kwargs)
