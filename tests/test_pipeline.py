@@ -229,3 +229,51 @@ def test_backend_preference_is_recorded(backend):
     want = {"torch": "torch", "cpu": "cpu", "auto": "cpu" if tf.backends()["cpu"] else "torch"}[backend]
     assert res.report.backend["selection_backend"] == want
     assert res.report.backend["statistics_backend"] == "torch"
+
+
+def test_resume_keeps_what_the_per_unit_finetune_changed_elsewhere(tmp_path):
+    model, data = _model(DemoVGG), _data()
+    kw = dict(keep=0.5, num_images=16, samples_per_image=5, progress=False)
+
+    def nudge_head(m, unit, index):  # a fine-tune touches layers outside the unit too
+        with torch.no_grad():
+            m.classifier[-1].bias.add_(1.0)
+
+    def nudge_then_crash(m, unit, index):
+        if index == 2:
+            raise _Interrupt("simulated crash")
+        nudge_head(m, unit, index)
+
+    full = tf.prune(model, data, finetune=nudge_head, **kw).model
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(_Interrupt):
+        tf.prune(model, data, resume=str(ckpt), finetune=nudge_then_crash, **kw)
+    resumed = tf.prune(model, data, resume=str(ckpt), finetune=nudge_head, **kw).model
+    assert _same_state(_state(full), _state(resumed))
+
+
+def test_option_combinations_that_cannot_work_are_refused():
+    model, data = _model(DemoVGG), _data()
+    with pytest.raises(ValueError, match="resume"):
+        tf.prune(model, data, schedule="oneshot", resume="x.ckpt")
+    units = tf.find_units(model, data[0][0][:1]).units
+    with pytest.raises(ValueError, match="did not select"):
+        tf.prune(model, data, keep={units[0].producer: 0.5, units[1].producer: 0.5},
+                 units=[units[0].producer], progress=False)
+    with pytest.raises(ValueError, match=r"keep\['"):
+        tf.prune(model, data, keep={units[0].producer: 10_000}, progress=False)
+    cfg = tf.PruneConfig().replace(flops_target=0.5)
+    assert cfg.keep is None and cfg.flops_target == 0.5
+
+
+def test_report_speed_and_evaluate_leave_grads_and_module_flags_alone():
+    model, data = _model(DemoVGG), _data()
+    model.train()
+    model.features[1].eval()  # a frozen BatchNorm inside a training model
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    grads = [p.grad.clone() for p in model.parameters()]
+    tf.report.measure_speed(model, data[0][0][:1], repeats=1, warmup=0)
+    tf.evaluate(model, data)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert model.training and not model.features[1].training

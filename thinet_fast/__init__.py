@@ -24,6 +24,7 @@ from .rewrite import prune_unit_, prune_units
 from .serialization import load, save
 from .counting import count_flops, count_params, model_size_mb
 from .pipeline import PruneConfig, PruneResult, collect_statistics, prune, recalibrate_batchnorm
+from .pipeline.config import BACKENDS, METHODS, RECONSTRUCTIONS, SCHEDULES, STATISTICS
 from .training import evaluate, finetune, finetune_callback
 from . import data, demo, models, presets, report
 
@@ -37,6 +38,7 @@ __all__ = [
     "Unit", "UnitPlan", "find_units", "prune_unit_", "prune_units", "save", "load",
     "count_params", "count_flops", "model_size_mb",
     "PruneConfig", "PruneResult", "prune", "collect_statistics", "recalibrate_batchnorm",
+    "METHODS", "STATISTICS", "RECONSTRUCTIONS", "SCHEDULES", "BACKENDS",
     "evaluate", "finetune", "finetune_callback",
     "data", "demo", "models", "presets", "report",
 ]

@@ -80,13 +80,17 @@ def cmd_prune(args):
                    schedule=args.schedule, num_images=args.num_images, samples_per_image=args.samples_per_image,
                    seed=args.seed, device=args.device, backend=args.backend, resume=args.resume)
     if args.preset:
+        if args.units:
+            raise ValueError("--units does not combine with --preset (the preset names its units)")
         options.update(preset=args.preset)
     elif args.flops_target:
         options.update(flops_target=args.flops_target, min_keep=args.min_keep)
     else:
         options["keep"] = args.keep
-        if args.units:
-            options["units"] = args.units.split(",")
+    if args.units and not args.preset:
+        options["units"] = args.units.split(",")
+    if bool(args.finetune_steps) != bool(args.train_data):
+        raise ValueError("the per-unit fine-tune needs both --train-data and --finetune-steps")
     teacher = None
     if args.finetune_steps and args.train_data:
         import copy
@@ -165,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--methods", help=f"comma list from {','.join(tf.demo.DEMO_METHODS)}")
     p.add_argument("--models", help="comma list from vgg,resnet")
-    p.add_argument("--schedule", default="sequential", choices=("sequential", "oneshot"))
-    p.add_argument("--statistics", default="sampled", choices=("sampled", "full", "direct", "auto"))
-    p.add_argument("--reconstruction", default="scale", choices=("scale", "full", "none"))
+    p.add_argument("--schedule", default="sequential", choices=tf.SCHEDULES)
+    p.add_argument("--statistics", default="sampled", choices=tf.STATISTICS)
+    p.add_argument("--reconstruction", default="scale", choices=tf.RECONSTRUCTIONS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="retrain instead of reusing the cached demo models")
     p.add_argument("--json")
@@ -185,13 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "greedy error curves (instead of --keep)")
     p.add_argument("--min-keep", type=float, default=0.1, help="with --flops-target: the least fraction a unit keeps")
     p.add_argument("--units", help="comma list of producer fqns to prune")
-    p.add_argument("--method", default="thinet", choices=tf.pipeline.config.METHODS)
-    p.add_argument("--statistics", default="auto", choices=tf.pipeline.config.STATISTICS)
-    p.add_argument("--reconstruction", default="scale", choices=tf.pipeline.config.RECONSTRUCTIONS)
+    p.add_argument("--method", default="thinet", choices=tf.METHODS)
+    p.add_argument("--statistics", default="auto", choices=tf.STATISTICS)
+    p.add_argument("--reconstruction", default="scale", choices=tf.RECONSTRUCTIONS)
     p.add_argument("--no-bias-compensation", action="store_true")
     p.add_argument("--bn-recalibration", action="store_true")
-    p.add_argument("--schedule", default="sequential", choices=tf.pipeline.config.SCHEDULES)
-    p.add_argument("--backend", default="auto", choices=tf.pipeline.config.BACKENDS)
+    p.add_argument("--schedule", default="sequential", choices=tf.SCHEDULES)
+    p.add_argument("--backend", default="auto", choices=tf.BACKENDS)
     p.add_argument("--resume", help="checkpoint file written after every unit and resumed from")
     p.add_argument("--train-data", help="ImageFolder for the per-unit fine-tune")
     p.add_argument("--finetune-steps", type=int, default=0, help="per-unit fine-tune steps (with --train-data)")

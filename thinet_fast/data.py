@@ -45,7 +45,7 @@ def fashion_mnist_root(root: str | os.PathLike | None = None, download: bool = F
         cands.append(Path(os.environ["THINET_FAST_FMNIST"]))
     cands += [Path(d) for d in FMNIST_DIRS] + [cache_dir() / "fashion-mnist"]
     for c in cands:
-        if _find(c, FMNIST_FILES[True][0]) and _find(c, FMNIST_FILES[False][1]):
+        if all(_find(c, stem) for pair in FMNIST_FILES.values() for stem in pair):
             return c
     if download:
         from torchvision.datasets import FashionMNIST

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .counting import count_flops, count_params, model_size_mb
+from .modes import preserved_modes
 
 
 @dataclass
@@ -122,8 +123,8 @@ def measure_speed(model: nn.Module, example: torch.Tensor, *, batch_size: int = 
     (median of ``repeats``). The model's mode and gradients are restored afterwards."""
     device = next(model.parameters()).device
     x = example[:1].expand(batch_size, *example.shape[1:]).contiguous().to(device)
-    was_training = model.training
-    saved = [p.grad for p in model.parameters()]
+    params = list(model.parameters())
+    saved = [p.grad for p in params]  # backward accumulates into .grad in place: time on fresh ones
     buffers = [b.detach().clone() for b in model.buffers()]  # BN running stats move in train mode
 
     def sync():
@@ -132,26 +133,27 @@ def measure_speed(model: nn.Module, example: torch.Tensor, *, batch_size: int = 
 
     fwd, bwd = [], []
     try:
-        model.train()
-        for i in range(warmup + repeats):
-            sync()
-            t0 = time.perf_counter()
-            out = model(x)
-            sync()
-            t1 = time.perf_counter()
-            out.float().sum().backward()
-            sync()
-            t2 = time.perf_counter()
-            if i >= warmup:
-                fwd.append(t1 - t0)
-                bwd.append(t2 - t1)
+        with preserved_modes(model, train=True):
+            for i in range(warmup + repeats):
+                for p in params:
+                    p.grad = None
+                sync()
+                t0 = time.perf_counter()
+                out = model(x)
+                sync()
+                t1 = time.perf_counter()
+                out.float().sum().backward()
+                sync()
+                t2 = time.perf_counter()
+                if i >= warmup:
+                    fwd.append(t1 - t0)
+                    bwd.append(t2 - t1)
     finally:
-        for p, g in zip(model.parameters(), saved):
+        for p, g in zip(params, saved):
             p.grad = g
         with torch.no_grad():
             for b, old in zip(model.buffers(), buffers):
                 b.copy_(old)
-        model.train(was_training)
     fwd.sort(), bwd.sort()
     return 1e3 * fwd[len(fwd) // 2], 1e3 * bwd[len(bwd) // 2]
 

@@ -1,12 +1,15 @@
 """Fine-tuning (with optional distillation from the unpruned model) and evaluation."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .modes import preserved_modes
 
 
 def _batches(data):
@@ -21,15 +24,13 @@ def evaluate(model: nn.Module, data, *, device=None, topk=(1, 5), max_batches: i
              progress: bool = False) -> dict[int, float]:
     """Top-k accuracy over ``data`` ((input, target) batches). Returns {k: accuracy}."""
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     correct = {k: 0 for k in topk}
     total = 0
     it = _batches(data)
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc="eval", leave=False, total=_len(data, max_batches))
-    try:
+    with preserved_modes(model, train=False):
         for i, (x, y) in enumerate(it):
             if max_batches is not None and i >= max_batches:
                 break
@@ -41,8 +42,6 @@ def evaluate(model: nn.Module, data, *, device=None, topk=(1, 5), max_batches: i
             for k in topk:
                 correct[k] += int(hit[:, : min(k, kmax)].any(dim=1).sum())
             total += y.numel()
-    finally:
-        model.train(was_training)
     if total == 0:
         raise ValueError("evaluation data is empty")
     return {k: c / total for k, c in correct.items()}
@@ -106,50 +105,51 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size or max(1, steps // 3), gamma=gamma)
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    teacher_was_training = teacher.training if teacher is not None else False
-    if teacher is not None:  # its forward runs under no_grad; its flags stay the caller's
-        teacher.to(device).eval()
+    teacher_modes = contextlib.nullcontext()
+    teacher_device = None
+    if teacher is not None:  # its forward runs under no_grad; its flags and device stay the caller's
+        teacher_device = next(teacher.parameters()).device
+        teacher.to(device)
+        teacher_modes = preserved_modes(teacher, train=False)
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc="finetune", leave=False)
-    was_training = model.training
-    model.train()
     done, running = 0, float("nan")
     try:
-        while done < steps:
-            for x, y in _batches(train_data):
-                x, y = x.to(device), y.to(device)
-                out = model(x)
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_out = teacher(x)
-                    loss = distillation_loss(out, t_out, y, temperature=temperature, weight=distill_weight)
+        with preserved_modes(model, train=True), teacher_modes:
+            while done < steps:
+                for x, y in _batches(train_data):
+                    x, y = x.to(device), y.to(device)
+                    out = model(x)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_out = teacher(x)
+                        loss = distillation_loss(out, t_out, y, temperature=temperature, weight=distill_weight)
+                    else:
+                        loss = F.cross_entropy(out, y)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss became {float(loss)} at step {done}; lower lr={lr}")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    lv = float(loss.detach())
+                    running = lv if math.isnan(running) else 0.9 * running + 0.1 * lv
+                    done += 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{running:.3f}")
+                    if done >= steps:
+                        break
                 else:
-                    loss = F.cross_entropy(out, y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {float(loss)} at step {done}; lower lr={lr}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                lv = float(loss.detach())
-                running = lv if math.isnan(running) else 0.9 * running + 0.1 * lv
-                done += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{running:.3f}")
-                if done >= steps:
-                    break
-            else:
-                if done == 0:
-                    raise ValueError("train_data is empty")
+                    if done == 0:
+                        raise ValueError("train_data is empty")
     finally:
         if bar is not None:
             bar.close()
-        model.train(was_training)
         if teacher is not None:
-            teacher.train(teacher_was_training)
+            teacher.to(teacher_device)
     return {"steps": done, "loss": running}
 
 

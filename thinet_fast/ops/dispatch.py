@@ -134,6 +134,9 @@ def choose(backend: str, device: torch.device | str, supported: tuple[str, ...],
             f"backend {backend!r} requested for {op!r} is unavailable: {info.reason}. To get it: {_HOW_TO_GET[backend]}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' runs on host tensors but {op!r} got tensors on {device}; move them with .cpu()")
+    if backend == "triton" and device.type != "cuda" and not triton_interpreted():
+        raise ValueError(f"backend 'triton' needs CUDA tensors but {op!r} got tensors on {device} "
+                         "(or set TRITON_INTERPRET=1 before importing thinet_fast to run it on the CPU)")
     if backend in ("cuda", "cupy") and device.type != "cuda":
         raise ValueError(f"backend {backend!r} needs CUDA tensors but {op!r} got tensors on {device}")
     return backend

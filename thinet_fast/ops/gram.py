@@ -81,6 +81,15 @@ def patch_moments_ref(x, geometry: ConsumerGeometry, img, oy, ox, *, acc_dtype: 
     return Z.T @ Z, Z.sum(0)
 
 
+def patch_sum(x, geometry: ConsumerGeometry, img, oy, ox, *, acc_dtype: torch.dtype = torch.float32):
+    """Σ_s vec(z_s), in bounded chunks (the first moment for bias compensation)."""
+    D = x.shape[1] * geometry.taps
+    zsum = torch.zeros(D, dtype=acc_dtype, device=x.device)
+    for sl in _chunks(img.numel(), D):
+        zsum += gather_patches(x, geometry, img[sl], oy[sl], ox[sl]).reshape(-1, D).to(acc_dtype).sum(0)
+    return zsum
+
+
 # ------------------------------------------------------------------ G from P
 def gram_from_cov(kernel, P, *, backend: str = "auto") -> torch.Tensor:
     """Exact G summed over every output channel, from the patch covariance P."""
@@ -111,7 +120,9 @@ def direct_gram(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k=None, *,
     W = kernel.reshape(kernel.shape[0], C, t).to(acc_dtype)
     R = W.shape[0] if k is None else k.shape[1]
     G = torch.zeros(C, C, dtype=acc_dtype, device=x.device)
-    for sl in _chunks(img.numel(), R * C + C * t):
+    # sampled outputs gather (S, R, C, t) filter rows; all outputs only (S, K, C)
+    per_item = R * C + C * t if k is None else R * C * t + C * t
+    for sl in _chunks(img.numel(), per_item):
         z = gather_patches(x, geometry, img[sl], oy[sl], ox[sl]).to(acc_dtype)
         if k is None:
             X = contributions(z, W)  # (S, K, C)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import dispatch
-from .gram import direct_gram, gram_from_cov, patch_moments, sampled_gram
-from .patches import ConsumerGeometry, gather_patches, sample_locations
+from .gram import direct_gram, gram_from_cov, patch_moments, patch_sum, sampled_gram
+from .patches import ConsumerGeometry, sample_locations
 
 __all__ = ["Statistics", "StatsAccumulator", "choose_mode", "MODES"]
 
@@ -121,7 +121,15 @@ class StatsAccumulator:
         }
         if self.keeps_cov:
             self._state["cov"] = torch.zeros(C * t, C * t, dtype=self.dtype, device=dev)
-        self.backend = dispatch.choose(self.backend, dev, STATS_BACKENDS, "statistics")
+        requested = self.backend
+        self.backend = dispatch.choose(requested, dev, STATS_BACKENDS, "statistics")
+        if self.backend == "triton" and (self.dtype != torch.float32 or self.mode == "direct"):
+            # the Triton kernels accumulate in float32 and have no direct mode
+            if requested == "auto":
+                self.backend = "torch"
+            else:
+                raise ValueError(f"backend='triton' runs float32 sampled/full statistics; got dtype={self.dtype}, "
+                                 f"mode={self.mode!r}: use dtype=torch.float32 and another mode, or backend='torch'")
 
     @property
     def channels(self) -> int:
@@ -164,7 +172,7 @@ class StatsAccumulator:
             P, zsum = patch_moments(x, self.geometry, img, oy, ox, acc_dtype=self.dtype, backend=self.backend)
             st["cov"] += P
         else:  # the first moment of the sampled patches, for bias compensation
-            zsum = gather_patches(x, self.geometry, img, oy, ox).to(self.dtype).sum(0).reshape(-1)
+            zsum = patch_sum(x, self.geometry, img, oy, ox, acc_dtype=self.dtype)
         st["patch_sum"] += zsum
         st["patch_count"] += S
         self.images_seen += N

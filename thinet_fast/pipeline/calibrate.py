@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..modes import preserved_modes
 from .collect import iter_batches
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -16,20 +17,17 @@ def recalibrate_batchnorm(model: nn.Module, data, *, num_images: int = 1000, dev
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not bns:
         return 0
-    saved = [(m.momentum, m.training) for m in bns]
-    was_training = model.training
+    momenta = [m.momentum for m in bns]
     try:
-        model.eval()
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over all calibration batches
-            m.train()
-        device = device or next(model.parameters()).device
-        for x in iter_batches(data, num_images, device):
-            model(x)
+        with preserved_modes(model, train=False):
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over all calibration batches
+                m.train()
+            device = device or next(model.parameters()).device
+            for x in iter_batches(data, num_images, device):
+                model(x)
     finally:
-        for m, (mom, tr) in zip(bns, saved):
+        for m, mom in zip(bns, momenta):
             m.momentum = mom
-            m.train(tr)
-        model.train(was_training)
     return len(bns)

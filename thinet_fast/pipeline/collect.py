@@ -14,6 +14,7 @@ from torch import nn
 
 from ..ops.patches import ConsumerGeometry
 from ..ops.stats import MAX_COV_DIM, StatsAccumulator, Statistics, choose_mode
+from ..modes import preserved_modes
 from ..units import Unit, get_module
 
 
@@ -57,9 +58,10 @@ def iter_batches(data, num_images: int, device) -> Iterable[torch.Tensor]:
 
 
 def make_accumulators(model: nn.Module, units: list[Unit], *, statistics: str, samples_per_image, seed: int,
-                      dtype, backend: str, with_cov: bool = False, count_zeros: bool = True) -> dict[str, StatsAccumulator]:
+                      dtype, backend: str, with_cov: bool = False, count_zeros: bool = True,
+                      first_index: int = 0) -> dict[str, StatsAccumulator]:
     accs = {}
-    for j, unit in enumerate(units):
+    for j, unit in enumerate(units, start=first_index):
         consumer = get_module(model, unit.consumer)
         mode = resolve_mode(statistics, unit)
         accs[unit.producer] = StatsAccumulator(
@@ -107,10 +109,11 @@ def _hooks(model: nn.Module, units: list[Unit], accs: dict[str, StatsAccumulator
 def collect_statistics(model: nn.Module, units: list[Unit], data, *, statistics: str = "auto",
                        num_images: int = 1000, samples_per_image=10, seed: int = 0, dtype=torch.float32,
                        backend: str = "auto", device=None, with_cov: bool = False, count_zeros: bool = True,
-                       stop_early: bool = True,
+                       stop_early: bool = True, first_index: int = 0,
                        progress: bool = False, desc: str = "statistics") -> dict[str, Statistics]:
     """One pass over ``data`` that feeds every unit's consumer input to its accumulator.
 
+    Unit j draws its samples from seed ``seed·1000003 + first_index + j``.
     Returns producer fqn -> :class:`Statistics`. Under ``torch.distributed`` the
     buffers are summed across processes (each process should see different images).
     """
@@ -118,12 +121,11 @@ def collect_statistics(model: nn.Module, units: list[Unit], data, *, statistics:
         return {}
     device = torch.device(device) if device is not None else _model_device(model)
     accs = make_accumulators(model, units, statistics=statistics, samples_per_image=samples_per_image,
-                             seed=seed, dtype=dtype, backend=backend, with_cov=with_cov, count_zeros=count_zeros)
-    was_training = model.training
-    model.eval()
+                             seed=seed, dtype=dtype, backend=backend, with_cov=with_cov, count_zeros=count_zeros,
+                             first_index=first_index)
     bar = _progress(num_images, desc, progress)
     try:
-        with _hooks(model, units, accs, stop_early) as seen:
+        with preserved_modes(model, train=False), _hooks(model, units, accs, stop_early) as seen:
             for x in iter_batches(data, num_images, device):
                 seen.clear()
                 try:
@@ -137,7 +139,6 @@ def collect_statistics(model: nn.Module, units: list[Unit], data, *, statistics:
                 bar.update(x.shape[0])
     finally:
         bar.close()
-        model.train(was_training)
     reduce_accumulators(list(accs.values()))
     return {p: acc.result() for p, acc in accs.items()}
 

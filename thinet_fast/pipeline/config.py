@@ -90,8 +90,6 @@ class PruneConfig:
         chosen = [n for n in ("keep", "preset", "flops_target") if getattr(self, n) is not None]
         if len(chosen) > 1:
             raise ValueError(f"give one of keep=, preset= or flops_target=; got {', '.join(chosen)}")
-        if not chosen:
-            self.keep = 0.5
         if self.flops_target is not None and not 0.0 < self.flops_target < 1.0:
             raise ValueError(f"flops_target={self.flops_target} must lie in (0, 1): the fraction of FLOPs to keep")
         if not 0.0 < self.min_keep <= 1.0:
@@ -105,7 +103,7 @@ class PruneConfig:
             if not 0.0 < float(self.keep) <= 1.0:
                 raise ValueError(f"keep={self.keep} must lie in (0, 1]")
             self.keep = float(self.keep)  # a global keep is always a fraction (keep=1 means all)
-        if self.num_images < 1:
+        if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
             raise ValueError(f"num_images must be >= 1; got {self.num_images}")
         if self.samples_per_image is not None and self.samples_per_image < 1:
             raise ValueError(f"samples_per_image must be >= 1 or None; got {self.samples_per_image}")
@@ -115,6 +113,9 @@ class PruneConfig:
             raise TypeError("finetune must be a callable finetune(model, unit, index)")
         if self.finetune is not None and self.schedule == "oneshot":
             raise ValueError("a per-unit finetune callback needs schedule='sequential'")
+        if self.resume is not None and self.schedule == "oneshot":
+            raise ValueError("resume= checkpoints after every unit of the sequential schedule; "
+                             "use schedule='sequential' or drop resume=")
         if self.stats_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"stats_dtype must be torch.float32 or torch.float64; got {self.stats_dtype}")
         if not self.ridge >= 0:
@@ -150,10 +151,10 @@ def _check_keep(v, name):
         raise TypeError(f"{name} must be a float fraction or an int count; got {type(v).__name__}")
 
 
-def n_keep_for(channels: int, keep: float | int) -> int:
+def n_keep_for(channels: int, keep: float | int, who: str = "keep") -> int:
     """Channels kept for a fraction (rounded to nearest, at least 1) or an explicit count."""
     if isinstance(keep, int) and not isinstance(keep, bool):
         if keep > channels:
-            raise ValueError(f"asked to keep {keep} channels of {channels}")
+            raise ValueError(f"{who}={keep} asks for more channels than the producer has ({channels})")
         return keep
     return max(1, min(channels, int(round(channels * float(keep)))))

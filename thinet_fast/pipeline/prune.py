@@ -14,7 +14,7 @@ from .budget import allocate_flops
 from .calibrate import recalibrate_batchnorm
 from .collect import _model_device, iter_batches
 from .config import PruneConfig, n_keep_for
-from .schedules import run_oneshot, run_sequential
+from .schedules import run_oneshot, run_sequential, transplant
 
 
 @dataclass
@@ -52,9 +52,9 @@ def _example_input(data, device) -> torch.Tensor:
 def _plan_keeps(plan: UnitPlan, cfg: PruneConfig, preset) -> dict[str, int]:
     if preset is not None:
         return preset.keep_for(plan)
-    keep = cfg.keep
+    keep = 0.5 if cfg.keep is None else cfg.keep
     if isinstance(keep, Mapping):
-        return {u.producer: n_keep_for(u.channels, keep[u.producer]) for u in plan.units}
+        return {u.producer: n_keep_for(u.channels, keep[u.producer], f"keep[{u.producer!r}]") for u in plan.units}
     return {u.producer: n_keep_for(u.channels, keep) for u in plan.units}
 
 
@@ -92,6 +92,11 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
     elif isinstance(cfg.keep, Mapping) and units_arg is None and cfg.filter_fn is None:
         units_arg = list(cfg.keep)
     plan = find_units(work, example, units=units_arg, filter_fn=cfg.filter_fn)
+    if isinstance(cfg.keep, Mapping):  # units absent from the dict are not pruned
+        unknown = sorted(set(cfg.keep) - {u.producer for u in plan.units})
+        if unknown:
+            raise ValueError(f"keep names producer(s) {unknown} that units=/filter_fn= did not select")
+        plan = UnitPlan([u for u in plan.units if u.producer in cfg.keep], plan.refused)
     if not plan.units:
         raise ValueError("no prunable units were selected; see the refused channels:\n" + str(plan))
     notes = []
@@ -117,7 +122,7 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
     report = build_report(work, example[:1], reference=model, units=records,
                           config=cfg.fingerprint(), backend=_backends_used(records), notes=notes)
     if cfg.inplace:
-        _transplant(model, work)
+        transplant(model, work)  # only now that everything succeeded
         work = model
     return PruneResult(work, report, plan, cfg)
 
@@ -125,10 +130,3 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
 def _backends_used(records: list[dict]) -> dict:
     return {key: ",".join(sorted({r[key] for r in records}))
             for key in ("statistics_backend", "selection_backend")}
-
-
-def _transplant(model: nn.Module, pruned: nn.Module) -> None:
-    """Make ``model`` the pruned model (``inplace=True``), only once everything succeeded."""
-    for key in ("_modules", "_parameters", "_buffers"):
-        object.__setattr__(model, key, getattr(pruned, key))
-

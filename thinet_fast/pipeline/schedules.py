@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..rewrite import prune_unit_
-from ..units import Unit, get_module, set_module
+from ..units import Unit, get_module
 from ..ops.stats import STATS_BACKENDS
 from .collect import collect_statistics
 from .config import PruneConfig
@@ -15,13 +15,13 @@ from .decide import Decision, decide, select_thinet_batched, selection_backend
 CHECKPOINT_FORMAT = "thinet_fast-checkpoint/1"
 
 
-def _collect(model, units, data, cfg: PruneConfig, device, desc):
+def _collect(model, units, data, cfg: PruneConfig, device, desc, first_index: int = 0):
     return collect_statistics(
         model, units, data, statistics=cfg.statistics, num_images=cfg.num_images,
         samples_per_image=cfg.samples_per_image, seed=cfg.seed, dtype=cfg.stats_dtype,
         backend=cfg.backend_for(STATS_BACKENDS),
         device=device, with_cov=cfg.reconstruction == "full", count_zeros=cfg.method == "apoz",
-        progress=cfg.progress, desc=desc)
+        progress=cfg.progress, desc=desc, first_index=first_index)
 
 
 def _decide(model, unit, stats, n_keep, cfg: PruneConfig, selection=None) -> Decision:
@@ -56,11 +56,10 @@ def load_checkpoint(path: str, cfg: PruneConfig) -> dict:
     return ckpt
 
 
-def _adopt(model: nn.Module, source: nn.Module, units: list[Unit]) -> None:
-    """Make ``model`` (the caller's, for inplace=True) take the checkpoint's pruned modules."""
-    for u in units:
-        for fqn in (u.producer, *u.followers, u.consumer):
-            set_module(model, fqn, get_module(source, fqn))
+def transplant(model: nn.Module, source: nn.Module) -> None:
+    """Make ``model`` hold ``source``'s whole module tree (parameters, buffers, children)."""
+    for key in ("_modules", "_parameters", "_buffers"):
+        object.__setattr__(model, key, getattr(source, key))
 
 
 # ------------------------------------------------------------------ schedules
@@ -74,11 +73,13 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
         ckpt = load_checkpoint(cfg.resume, cfg)
         records = list(ckpt["records"])
         done = {r["producer"] for r in records}
-        _adopt(model, ckpt["model"].to(device), [u for u in units if u.producer in done])
+        # the whole checkpointed model: a per-unit fine-tune may have changed any layer
+        transplant(model, ckpt["model"].to(device))
     for index, unit in enumerate(units):
         if unit.producer in done:
             continue
-        stats = _collect(model, [unit], data, cfg, device, f"[{index + 1}/{len(units)}] {unit.consumer}")[unit.producer]
+        stats = _collect(model, [unit], data, cfg, device, f"[{index + 1}/{len(units)}] {unit.consumer}",
+                         first_index=index)[unit.producer]
         d = _decide(model, unit, stats, n_keep[unit.producer], cfg)
         _apply(model, d)
         if cfg.finetune is not None:

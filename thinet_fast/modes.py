@@ -1,0 +1,21 @@
+"""Train/eval flags of every submodule, saved and restored (``model.train(flag)``
+would force one flag on all of them, un-freezing a frozen BatchNorm)."""
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module, train: bool | None = None):
+    """Inside: the whole model in train (``True``) or eval (``False``) mode, or as it is
+    (``None``). On exit every submodule gets its own flag back."""
+    flags = [(m, m.training) for m in model.modules()]
+    if train is not None:
+        model.train(train)
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
