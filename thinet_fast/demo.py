@@ -16,7 +16,7 @@ import torch
 from . import data as tfdata
 from .models import DemoResNet, DemoVGG
 from .pipeline import prune
-from .report import measure_speed, model_stats
+from .report import format_table, measure_speed, model_stats
 from .serialization import load, save
 from .training import evaluate, finetune
 
@@ -135,10 +135,7 @@ def format_rows(rows: list[dict], s: DemoSettings) -> str:
                     f"{r['size_mb']:.2f}", fb, f"{100 * r['top1']:.2f}%", f"{100 * r['top5']:.2f}%",
                     "-" if r["top1_finetuned"] is None else f"{100 * r['top1_finetuned']:.2f}%",
                     f"{r['seconds']:.1f}"))
-    w = [max(len(str(r[i])) for r in out) for i in range(len(head))]
-    lines = ["  ".join(str(c).ljust(x) for c, x in zip(r, w)).rstrip() for r in out]
-    lines.insert(1, "  ".join("-" * x for x in w))
-    return "\n".join(lines)
+    return format_table(out)
 
 
 def dump(rows: list[dict], path: str) -> None:

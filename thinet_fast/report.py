@@ -74,14 +74,14 @@ class Report:
             if s is not None:
                 rows.append((name, _pct(s.top1), _pct(s.top5), _m(s.params), _g(s.flops), f"{s.size_mb:.2f}",
                              _fb(s.forward_ms, s.backward_ms)))
-        out = [_fmt(rows)]
+        out = [format_table(rows)]
         if self.units:
             urows = [("producer", "consumer", "C", "kept", "method", "stats", "recon", "err sel", "err rec")]
             for u in self.units:
                 urows.append((u["producer"], u["consumer"], str(u["channels"]), str(u["kept"]), u["method"],
                               u["statistics"], u["reconstruction"], f"{u['error_selected']:.4f}",
                               f"{u['error_reconstructed']:.4f}"))
-            out.append(_fmt(urows))
+            out.append(format_table(urows))
         if self.backend:
             out.append("backends: " + ", ".join(f"{k}={v}" for k, v in self.backend.items()))
         out.extend(f"note: {n}" for n in self.notes)
@@ -106,7 +106,8 @@ def _fb(f, b):
     return "-" if f is None else f"{f:.1f}/{b:.1f}"
 
 
-def _fmt(rows) -> str:
+def format_table(rows) -> str:
+    """Left-aligned columns with a dashed rule under the header row."""
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
