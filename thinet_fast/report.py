@@ -33,6 +33,7 @@ class Report:
     backend: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)  # seconds per phase (forward, statistics, ...)
 
     @property
     def params(self) -> int:
@@ -84,6 +85,10 @@ class Report:
             out.append(format_table(urows))
         if self.backend:
             out.append("backends: " + ", ".join(f"{k}={v}" for k, v in self.backend.items()))
+        if self.timings:
+            t = self.timings
+            parts = [f"{k} {v:.2f}" for k, v in t.items() if k != "total" and v >= 0.005]
+            out.append(f"time: {t.get('total', 0.0):.2f} s (" + ", ".join(parts) + ")")
         out.extend(f"note: {n}" for n in self.notes)
         return "\n\n".join(out)
 

@@ -58,8 +58,8 @@ except ImportError as _exc:  # pragma: no cover - exercised by a test that hides
 from ..ops.dispatch import BACKEND_NAMES
 from ..ops.greedy import greedy_keep_ls, greedy_remove
 from ..ops.patches import ConsumerGeometry
-from ..ops.stats import MODES, STATS_BACKENDS, StatsAccumulator, choose_mode
-from ..pipeline.collect import iter_batches, reduce_accumulators
+from ..ops.stats import MODES
+from ..pipeline.collect import StatsSpec, feed, iter_batches, model_device, reduce_accumulators
 from ..pipeline.decide import selection_backend
 
 __all__ = ["ThiNetImportance", "UnsupportedGroupError", "thinet_pruner"]
@@ -73,10 +73,6 @@ MAX_FEATURE_GRAM = 16384
 
 class UnsupportedGroupError(ValueError):
     """A group's channels reach a layer whose statistics thinet_fast cannot express."""
-
-
-class _StopForward(Exception):
-    """Raised inside a hook once every consumer of interest has seen the batch."""
 
 
 # ----------------------------------------------------------------- group analysis
@@ -253,13 +249,6 @@ def _state_key(model: nn.Module) -> tuple:
     return (id(model),) + tuple(
         (id(t), t.data_ptr(), tuple(t.shape), t._version)
         for t in itertools.chain(model.parameters(), model.buffers()))
-
-
-def _rank_offset() -> int:
-    # the same per-process offset thinet_fast.collect_statistics adds to its seeds
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return 7919 * torch.distributed.get_rank()
-    return 0
 
 
 # ----------------------------------------------------------------- the importance
@@ -452,57 +441,28 @@ class ThiNetImportance(tp.importance.Importance):
         return out
 
     def _collect(self, model: nn.Module, consumers: list[_Consumer]) -> None:
-        device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-        stats_backend = self.backend if self.backend in STATS_BACKENDS else "auto"
-        seed = self.seed * 1_000_003 + _rank_offset()
-        by_module: dict[int, tuple[nn.Module, bool, list]] = {}
+        spec = StatsSpec(statistics=self.statistics, num_images=self.num_images,
+                         samples_per_image=self.samples_per_image, seed=self.seed, dtype=self.dtype,
+                         backend=self.backend, count_zeros=False)
+        sinks: dict[nn.Module, list] = {}
+        names = {}
         accs = []
         for c in consumers:
-            mode = choose_mode(c.channels, c.taps) if self.statistics == "auto" else self.statistics
-            acc = StatsAccumulator(c.module.weight, c.geometry, mode=mode, samples_per_image=self.samples_per_image,
-                                   seed=seed, dtype=self.dtype, backend=stats_backend, count_zeros=False)
+            acc = spec.accumulator(c.module.weight, c.geometry, channels=c.channels, index=0)
             accs.append((c, acc))
-            by_module.setdefault(id(c.module), (c.module, c.kind == "linear", []))[2].append(acc)
-        wanted, seen = set(by_module), set()
-
-        def make_hook(mid, linear, accumulators):
-            def hook(module, args):
-                x = args[0]
-                if linear and x.dim() > 2:  # tokens: every position is a sample
-                    x = x.reshape(-1, x.shape[-1])
-                for acc in accumulators:
-                    acc.update(x)
-                seen.add(mid)
-                if seen >= wanted:
-                    raise _StopForward
-            return hook
-
-        flags = [(m, m.training) for m in model.modules()]
-        handles = []
-        try:
-            for mid, (module, linear, accumulators) in by_module.items():
-                handles.append(module.register_forward_pre_hook(make_hook(mid, linear, accumulators)))
-            model.eval()
-            with torch.no_grad():
-                for x in iter_batches(self.data, self.num_images, device):
-                    seen.clear()
-                    try:
-                        model(x)
-                    except _StopForward:
-                        pass
-                    if seen != wanted:
-                        missing = sorted(c.name for c in consumers if id(c.module) not in seen)
-                        raise RuntimeError(f"ThiNetImportance: the forward pass never reached consumer(s) {missing}; "
-                                           "is the group from this model?")
-        finally:
-            for h in handles:
-                h.remove()
-            for m, training in flags:
-                m.training = training
+            sinks.setdefault(c.module, []).append(_tokens_as_samples(acc.update) if c.kind == "linear" else acc.update)
+            names[c.module] = c.name
+        feed(model, sinks, iter_batches(self.data, self.num_images, model_device(model)), names=names)
         reduce_accumulators([acc for _, acc in accs])
         for c, acc in accs:
             self._stats[c.key] = (c.module, c.name, acc.mode, acc.result().gram)
         self.collections += 1
+
+
+def _tokens_as_samples(update):
+    def sink(x):  # a Linear on tokens: every position is a sample
+        update(x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x)
+    return sink
 
 
 # ----------------------------------------------------------------- convenience

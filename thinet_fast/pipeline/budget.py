@@ -10,7 +10,7 @@ from ..counting import count_flops, profile
 from ..ops.budget import allocate_budget
 from ..rewrite import prune_unit_
 from ..units import Unit, get_module
-from .collect import collect_statistics
+from ..ops.stats import Statistics
 from .decide import select_thinet_batched
 
 
@@ -36,11 +36,11 @@ def _flops_with(model: nn.Module, units: list[Unit], keep: dict[str, int], examp
     return count_flops(shadow, example.to("meta"))
 
 
-def allocate_flops(model: nn.Module, units: list[Unit], data, example: torch.Tensor, *, flops_target: float,
-                   min_keep: float, collect_kwargs: dict, backend: str = "auto", rounds: int = 6):
+def allocate_flops(model: nn.Module, units: list[Unit], stats: dict[str, Statistics], example: torch.Tensor, *,
+                   flops_target: float, min_keep: float, backend: str = "auto", rounds: int = 6):
     """Keep counts that bring the model to ``flops_target`` × its FLOPs with the least
-    summed relative ThiNet error. Returns (keep dict, achieved FLOPs fraction, note)."""
-    stats = collect_statistics(model, units, data, **collect_kwargs)
+    summed relative ThiNet error, from the unpruned model's statistics ``stats``
+    (producer fqn -> Statistics). Returns (keep dict, achieved FLOPs fraction, note)."""
     selections = select_thinet_batched([stats[u.producer] for u in units], [u.channels for u in units],
                                        backend=backend)
     curves = [curve for _, curve in selections]

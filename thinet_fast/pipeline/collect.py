@@ -1,25 +1,98 @@
-"""Collect consumer statistics with forward hooks (joins modules and ops).
+"""The one statistics collector: a frozen :class:`StatsSpec` and one hook runner.
 
-Hooks are always removed, even when the forward fails. The forward is cut short with
-an exception once every consumer of interest has seen the batch, so the sequential
-schedule never runs the layers after the consumer.
+Every pass that feeds consumer inputs to accumulators goes through :func:`feed`: the
+one-shot and sequential schedules, the FLOPs-budget pass, activation replay and the
+Torch-Pruning importance. Hooks are always removed, the model runs in eval mode with
+every submodule's own train flag restored afterwards, and the forward is cut short once
+every consumer of interest has seen the batch.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterable
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..ops.patches import ConsumerGeometry
-from ..ops.stats import MAX_COV_DIM, StatsAccumulator, Statistics, choose_mode
 from ..modes import preserved_modes
+from ..ops.patches import ConsumerGeometry
+from ..ops.stats import MAX_COV_DIM, STATS_BACKENDS, Statistics, StatsAccumulator, choose_mode
 from ..units import Unit, get_module
 
+Sink = Callable[[torch.Tensor], None]
 
-class _StopForward(Exception):
+
+class StopForward(Exception):
     """Raised inside a hook once all consumers have their input."""
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """How statistics are collected, built once (``StatsSpec.from_config(cfg)``).
+
+    Attributes:
+        statistics: "sampled", "full", "direct" or "auto" (per unit, by cost).
+        num_images: images read from the data per pass.
+        samples_per_image: sampled locations per image; None = every location.
+        seed: unit ``j`` draws from ``seed·1000003 + j`` (plus a per-rank offset under
+            torch.distributed, so each process draws its own samples).
+        dtype: accumulation dtype.
+        backend: the statistics kernels' backend ("triton", "torch" or "auto").
+        with_cov: keep the patch covariance in every mode (the full refit needs it).
+        count_zeros: count zero inputs per channel (APoZ).
+    """
+
+    statistics: str = "auto"
+    num_images: int = 1000
+    samples_per_image: int | None = 10
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+    backend: str = "auto"
+    with_cov: bool = False
+    count_zeros: bool = True
+
+    def __post_init__(self):
+        if self.statistics not in ("sampled", "full", "direct", "auto"):
+            raise ValueError(f"statistics={self.statistics!r} is not one of ('sampled', 'full', 'direct', 'auto')")
+        if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
+            raise ValueError(f"num_images must be an int >= 1; got {self.num_images!r}")
+        if self.backend not in STATS_BACKENDS + ("auto",):
+            object.__setattr__(self, "backend", "auto")  # a selection-only backend name
+
+    @classmethod
+    def from_config(cls, cfg) -> "StatsSpec":
+        """The spec a :class:`PruneConfig` asks for (the one place that reads its
+        statistics options)."""
+        return cls(statistics=cfg.statistics, num_images=cfg.num_images, samples_per_image=cfg.samples_per_image,
+                   seed=cfg.seed, dtype=cfg.stats_dtype, backend=cfg.backend_for(STATS_BACKENDS),
+                   with_cov=cfg.reconstruction == "full", count_zeros=cfg.method == "apoz")
+
+    def replace(self, **changes) -> "StatsSpec":
+        return dataclasses.replace(self, **changes)
+
+    def mode_for(self, channels: int, taps: int) -> str:
+        return choose_mode(channels, taps) if self.statistics == "auto" else self.statistics
+
+    def seed_for(self, index: int) -> int:
+        return self.seed * 1_000_003 + index + _rank_offset()
+
+    def accumulator(self, weight: torch.Tensor, geometry: ConsumerGeometry, *, channels: int,
+                    index: int = 0) -> StatsAccumulator:
+        mode = self.mode_for(channels, geometry.taps)
+        return StatsAccumulator(
+            weight, geometry, mode=mode, samples_per_image=self.samples_per_image, seed=self.seed_for(index),
+            dtype=self.dtype, backend=self.backend,
+            with_cov=self.with_cov and mode != "full" and channels * geometry.taps <= MAX_COV_DIM,
+            count_zeros=self.count_zeros)
+
+
+def _rank_offset() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return 7919 * torch.distributed.get_rank()
+    return 0
 
 
 def consumer_geometry(consumer: nn.Module, unit: Unit) -> ConsumerGeometry:
@@ -28,10 +101,6 @@ def consumer_geometry(consumer: nn.Module, unit: Unit) -> ConsumerGeometry:
     if isinstance(consumer, nn.Linear):
         return ConsumerGeometry.dense(unit.taps)
     raise TypeError(f"consumer {unit.consumer!r} is a {type(consumer).__name__}; expected Conv2d or Linear")
-
-
-def resolve_mode(statistics: str, unit: Unit) -> str:
-    return choose_mode(unit.channels, unit.taps) if statistics == "auto" else statistics
 
 
 def iter_batches(data, num_images: int, device) -> Iterable[torch.Tensor]:
@@ -57,90 +126,125 @@ def iter_batches(data, num_images: int, device) -> Iterable[torch.Tensor]:
         raise ValueError("data yielded no images; pass a non-empty DataLoader, list of batches or tensor")
 
 
-def make_accumulators(model: nn.Module, units: list[Unit], *, statistics: str, samples_per_image, seed: int,
-                      dtype, backend: str, with_cov: bool = False, count_zeros: bool = True,
-                      first_index: int = 0) -> dict[str, StatsAccumulator]:
-    accs = {}
-    for j, unit in enumerate(units, start=first_index):
-        consumer = get_module(model, unit.consumer)
-        mode = resolve_mode(statistics, unit)
-        accs[unit.producer] = StatsAccumulator(
-            consumer.weight, consumer_geometry(consumer, unit), mode=mode, samples_per_image=samples_per_image,
-            seed=seed * 1_000_003 + j + _rank_offset(), dtype=dtype, backend=backend,
-            with_cov=with_cov and mode != "full" and unit.channels * unit.taps <= MAX_COV_DIM,
-            count_zeros=count_zeros)
-    return accs
+def model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
-def _rank_offset() -> int:
-    # each process draws its own samples; their sums are what the all-reduce adds
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return 7919 * torch.distributed.get_rank()
-    return 0
-
-
-@contextlib.contextmanager
-def _hooks(model: nn.Module, units: list[Unit], accs: dict[str, StatsAccumulator], stop_early: bool):
-    handles, seen = [], set()
-    wanted = {u.consumer for u in units}
-    by_consumer: dict[str, list[StatsAccumulator]] = {}
-    for u in units:
-        by_consumer.setdefault(u.consumer, []).append(accs[u.producer])
-
-    def make_hook(fqn):
-        def hook(module, args):
-            for acc in by_consumer[fqn]:
-                acc.update(args[0])
-            seen.add(fqn)
-            if stop_early and seen >= wanted:
-                raise _StopForward
-        return hook
-
-    try:
-        for fqn in wanted:
-            handles.append(get_module(model, fqn).register_forward_pre_hook(make_hook(fqn)))
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
+def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "img"):
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=not enabled)
 
 
 @torch.no_grad()
-def collect_statistics(model: nn.Module, units: list[Unit], data, *, statistics: str = "auto",
-                       num_images: int = 1000, samples_per_image=10, seed: int = 0, dtype=torch.float32,
-                       backend: str = "auto", device=None, with_cov: bool = False, count_zeros: bool = True,
-                       stop_early: bool = True, first_index: int = 0,
-                       progress: bool = False, desc: str = "statistics") -> dict[str, Statistics]:
-    """One pass over ``data`` that feeds every unit's consumer input to its accumulator.
+def feed(model: nn.Module, sinks: Mapping[nn.Module, list[Sink]], batches: Iterable[torch.Tensor], *,
+         forward: Callable[[torch.Tensor], object] | None = None, stop_early: bool = True,
+         bar=None, names: Mapping[nn.Module, str] | None = None) -> int:
+    """Run ``forward`` (default ``model``) on every batch, handing each watched module's
+    input to its sinks. Returns the number of images fed.
 
-    Unit j draws its samples from seed ``seed·1000003 + first_index + j``.
-    Returns producer fqn -> :class:`Statistics`. Under ``torch.distributed`` the
-    buffers are summed across processes (each process should see different images).
-    """
-    if not units:
-        return {}
-    device = torch.device(device) if device is not None else _model_device(model)
-    accs = make_accumulators(model, units, statistics=statistics, samples_per_image=samples_per_image,
-                             seed=seed, dtype=dtype, backend=backend, with_cov=with_cov, count_zeros=count_zeros,
-                             first_index=first_index)
-    bar = _progress(num_images, desc, progress)
+    The hooks are forward pre-hooks on the modules of ``sinks``; they are removed even
+    when the forward fails. With ``stop_early`` the forward stops once every watched
+    module has seen the batch."""
+    forward = model if forward is None else forward
+    wanted, seen, handles = set(map(id, sinks)), set(), []
+
+    def make_hook(module, targets):
+        def hook(_, args):
+            for sink in targets:
+                sink(args[0])
+            seen.add(id(module))
+            if stop_early and seen >= wanted:
+                raise StopForward
+        return hook
+
+    images = 0
     try:
-        with preserved_modes(model, train=False), _hooks(model, units, accs, stop_early) as seen:
-            for x in iter_batches(data, num_images, device):
+        for module, targets in sinks.items():
+            handles.append(module.register_forward_pre_hook(make_hook(module, targets)))
+        with preserved_modes(model, train=False):
+            for x in batches:
                 seen.clear()
                 try:
-                    model(x)
-                except _StopForward:
+                    forward(x)
+                except StopForward:
                     pass
-                missing = {u.consumer for u in units} - seen
-                if missing:
-                    raise RuntimeError(f"the forward pass never reached consumer(s) {sorted(missing)}; "
+                if seen != wanted:
+                    missing = sorted((names or {}).get(m, type(m).__name__) for m in sinks if id(m) not in seen)
+                    raise RuntimeError(f"the forward pass never reached consumer(s) {missing}; "
                                        "is the unit list from this model?")
-                bar.update(x.shape[0])
+                images += x.shape[0]
+                if bar is not None:
+                    bar.update(x.shape[0])
     finally:
-        bar.close()
-    reduce_accumulators(list(accs.values()))
-    return {p: acc.result() for p, acc in accs.items()}
+        for h in handles:
+            h.remove()
+    return images
+
+
+def unit_accumulators(model: nn.Module, units: list[Unit], spec: StatsSpec,
+                      first_index: int = 0) -> dict[str, StatsAccumulator]:
+    """One accumulator per unit (producer fqn -> accumulator), unit j seeded with index j."""
+    accs = {}
+    for j, unit in enumerate(units, start=first_index):
+        consumer = get_module(model, unit.consumer)
+        accs[unit.producer] = spec.accumulator(consumer.weight, consumer_geometry(consumer, unit),
+                                               channels=unit.channels, index=j)
+    return accs
+
+
+def collect_units(model: nn.Module, units: list[Unit], batches: Iterable[torch.Tensor], spec: StatsSpec, *,
+                  first_index: int = 0, forward=None, stop_early: bool = True, bar=None,
+                  timer=None) -> dict[str, Statistics]:
+    """Statistics of ``units`` from already prepared ``batches`` (images, or cached
+    activations with a matching ``forward``); the pipeline's entry point. With a
+    :class:`~thinet_fast.pipeline.timing.Timings`, the hooks' time counts as
+    "statistics" and the rest of the pass as "forward"."""
+    if not units:
+        return {}
+    accs = unit_accumulators(model, units, spec, first_index)
+    sinks: dict[nn.Module, list[Sink]] = {}
+    names = {}
+    for u in units:
+        m = get_module(model, u.consumer)
+        update = accs[u.producer].update
+        sinks.setdefault(m, []).append(update if timer is None else timer.timed("statistics", update))
+        names[m] = u.consumer
+    if timer is None:
+        feed(model, sinks, batches, forward=forward, stop_early=stop_early, bar=bar, names=names)
+        reduce_accumulators(list(accs.values()))
+        return {p: acc.result() for p, acc in accs.items()}
+    hooks_before = timer.seconds["statistics"]
+    t0 = time.perf_counter()
+    feed(model, sinks, batches, forward=forward, stop_early=stop_early, bar=bar, names=names)
+    timer.sync()
+    timer.add("forward", time.perf_counter() - t0 - (timer.seconds["statistics"] - hooks_before))
+    with timer.phase("statistics"):
+        reduce_accumulators(list(accs.values()))
+        return {p: acc.result() for p, acc in accs.items()}
+
+
+def collect_statistics(model: nn.Module, units: list[Unit], data, spec: StatsSpec | None = None, *,
+                       device=None, stop_early: bool = True, first_index: int = 0, progress: bool = False,
+                       desc: str = "statistics", **spec_options) -> dict[str, Statistics]:
+    """One pass over ``data`` that feeds every unit's consumer input to its accumulator.
+
+    Pass a :class:`StatsSpec` or its fields as keywords (``statistics=``, ``num_images=``,
+    ``samples_per_image=``, ``seed=``, ``dtype=``, ``backend=``, ``with_cov=``,
+    ``count_zeros=``). Unit j draws its samples from seed ``seed·1000003 +
+    first_index + j``. Returns producer fqn -> :class:`Statistics`. Under
+    ``torch.distributed`` the buffers are summed across processes (each process should
+    see different images).
+    """
+    if spec is not None and spec_options:
+        raise TypeError(f"pass a StatsSpec or its fields as keywords, not both (got {sorted(spec_options)})")
+    spec = spec if spec is not None else StatsSpec(**spec_options)
+    device = torch.device(device) if device is not None else model_device(model)
+    with progress_bar(spec.num_images, desc, progress) as bar:
+        return collect_units(model, units, iter_batches(data, spec.num_images, device), spec,
+                             first_index=first_index, stop_early=stop_early, bar=bar)
 
 
 def reduce_accumulators(accs: list[StatsAccumulator]) -> None:
@@ -153,25 +257,3 @@ def reduce_accumulators(accs: list[StatsAccumulator]) -> None:
         for t in tensors:
             dist.all_reduce(t)
         acc.load_tensors(tensors)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
-

@@ -46,6 +46,11 @@ class PruneConfig:
         finetune: callback ``finetune(model, unit, index)`` after each unit
             (sequential schedule).
         resume: checkpoint path: written after every unit, and resumed from if it exists.
+        replay_memory: sequential schedule: bytes of host memory the activation-replay
+            cache may hold (DESIGN §7); None = half of the available host memory (and,
+            on a GPU, half of its free memory before spilling to the host); 0 = no
+            replay, every unit re-runs the model from the images. The report says
+            where each unit's pass started.
         inplace: prune the given model instead of a copy.
         preset: a paper preset name (see ``thinet_fast.presets``); it fixes keep/units.
         stats_dtype: accumulation dtype (float32 or float64).
@@ -69,6 +74,7 @@ class PruneConfig:
     filter_fn: Callable[[torch.nn.Module, str], bool] | None = None
     finetune: Callable[..., Any] | None = None
     resume: str | None = None
+    replay_memory: int | None = None
     inplace: bool = False
     preset: str | None = None
     flops_target: float | None = None
@@ -116,6 +122,9 @@ class PruneConfig:
         if self.resume is not None and self.schedule == "oneshot":
             raise ValueError("resume= checkpoints after every unit of the sequential schedule; "
                              "use schedule='sequential' or drop resume=")
+        if self.replay_memory is not None and (isinstance(self.replay_memory, bool) or
+                                               not isinstance(self.replay_memory, int) or self.replay_memory < 0):
+            raise ValueError(f"replay_memory must be None (auto), 0 (off) or a byte count >= 0; got {self.replay_memory!r}")
         if self.stats_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"stats_dtype must be torch.float32 or torch.float64; got {self.stats_dtype}")
         if not self.ridge >= 0:

@@ -12,9 +12,11 @@ from ..report import Report, build_report
 from ..units import UnitPlan, find_units
 from .budget import allocate_flops
 from .calibrate import recalibrate_batchnorm
-from .collect import _model_device, iter_batches
+from .collect import StatsSpec, collect_units, iter_batches, model_device, progress_bar
 from .config import PruneConfig, n_keep_for
+from .decide import selection_backend
 from .schedules import run_oneshot, run_sequential, transplant
+from .timing import Timings
 
 
 @dataclass
@@ -77,11 +79,13 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
         print(result.report)
     """
     cfg = _config(config, options)
+    spec = StatsSpec.from_config(cfg)
     preset = None
     if cfg.preset is not None:
         from ..presets import get_preset
         preset = get_preset(cfg.preset)
-    device = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
+    device = torch.device(cfg.device) if cfg.device is not None else model_device(model)
+    timer = Timings(device)
     example = _example_input(data, device)
     # always work on a copy: a failure half way leaves the caller's model whole
     work = copy.deepcopy(model).to(device)
@@ -100,27 +104,35 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
     if not plan.units:
         raise ValueError("no prunable units were selected; see the refused channels:\n" + str(plan))
     notes = []
+    stats = None
     if cfg.flops_target is not None:
-        n_keep, _, note = allocate_flops(
-            work, plan.units, data, example[:1], flops_target=cfg.flops_target, min_keep=cfg.min_keep,
-            backend=cfg.backend, collect_kwargs=dict(
-                statistics=cfg.statistics, num_images=cfg.num_images, samples_per_image=cfg.samples_per_image,
-                seed=cfg.seed, dtype=cfg.stats_dtype, device=device, count_zeros=False,
-                progress=cfg.progress, desc="statistics (budget)"))
+        # the unpruned model's statistics: the one-shot schedule reuses them
+        with progress_bar(spec.num_images, "statistics (budget)", cfg.progress) as bar:
+            stats = collect_units(work, plan.units, iter_batches(data, spec.num_images, device), spec, bar=bar,
+                                  timer=timer)
+        with timer.phase("selection"):
+            n_keep, _, note = allocate_flops(
+                work, plan.units, stats, example[:1], flops_target=cfg.flops_target, min_keep=cfg.min_keep,
+                backend=selection_backend("thinet", cfg.backend, device))
         notes.append(note)
     else:
         n_keep = _plan_keeps(plan, cfg, preset)
 
-    run = run_sequential if cfg.schedule == "sequential" else run_oneshot
-    records = run(work, plan.units, n_keep, data, cfg, device)
+    if cfg.schedule == "sequential":
+        records = run_sequential(work, plan.units, n_keep, data, cfg, device, spec, timer)
+    else:
+        records = run_oneshot(work, plan.units, n_keep, data, cfg, device, spec, timer, stats=stats)
     if preset is not None and preset.transform is not None:
         work = preset.transform(work)
         notes.append(f"preset {preset.name}: {preset.note}")
     if cfg.bn_recalibration:
-        n_bn = recalibrate_batchnorm(work, data, num_images=cfg.num_images, device=device)
+        with timer.phase("bn_recalibration"):
+            n_bn = recalibrate_batchnorm(work, data, num_images=cfg.num_images, device=device)
         notes.append(f"re-estimated {n_bn} BatchNorm layers on {cfg.num_images} calibration images")
-    report = build_report(work, example[:1], reference=model, units=records,
-                          config=cfg.fingerprint(), backend=_backends_used(records), notes=notes)
+    with timer.phase("report"):
+        report = build_report(work, example[:1], reference=model, units=records,
+                              config=cfg.fingerprint(), backend=_backends_used(records), notes=notes)
+    report.timings = timer.as_dict()
     if cfg.inplace:
         transplant(model, work)  # only now that everything succeeded
         work = model

@@ -2,36 +2,38 @@
 from __future__ import annotations
 
 import os
+import time
+
 import torch
 from torch import nn
 
 from ..rewrite import prune_unit_
 from ..units import Unit, get_module
-from ..ops.stats import STATS_BACKENDS
-from .collect import collect_statistics
+from .collect import StatsSpec, collect_units, iter_batches, progress_bar
 from .config import PruneConfig
 from .decide import Decision, decide, select_thinet_batched, selection_backend
+from .replay import Replay
+from .timing import Timings
 
 CHECKPOINT_FORMAT = "thinet_fast-checkpoint/1"
 
 
-def _collect(model, units, data, cfg: PruneConfig, device, desc, first_index: int = 0):
-    return collect_statistics(
-        model, units, data, statistics=cfg.statistics, num_images=cfg.num_images,
-        samples_per_image=cfg.samples_per_image, seed=cfg.seed, dtype=cfg.stats_dtype,
-        backend=cfg.backend_for(STATS_BACKENDS),
-        device=device, with_cov=cfg.reconstruction == "full", count_zeros=cfg.method == "apoz",
-        progress=cfg.progress, desc=desc, first_index=first_index)
+def _decide(model, unit, stats, n_keep, cfg: PruneConfig, timer: Timings, selection=None) -> Decision:
+    t0 = time.perf_counter()
+    d = decide(unit, stats, n_keep, get_module(model, unit.producer), get_module(model, unit.consumer),
+               method=cfg.method, reconstruction=cfg.reconstruction, bias_compensation=cfg.bias_compensation,
+               seed=cfg.seed, backend=cfg.backend, ridge=cfg.ridge, selection=selection)
+    timer.sync()
+    total = time.perf_counter() - t0
+    select_s = min(getattr(d, "select_seconds", 0.0), total)
+    timer.add("selection", select_s)
+    timer.add("reconstruction", total - select_s)
+    return d
 
 
-def _decide(model, unit, stats, n_keep, cfg: PruneConfig, selection=None) -> Decision:
-    return decide(unit, stats, n_keep, get_module(model, unit.producer), get_module(model, unit.consumer),
-                  method=cfg.method, reconstruction=cfg.reconstruction, bias_compensation=cfg.bias_compensation,
-                  seed=cfg.seed, backend=cfg.backend, ridge=cfg.ridge, selection=selection)
-
-
-def _apply(model, d: Decision):
-    prune_unit_(model, d.unit, d.keep, consumer_weight=d.consumer_weight, consumer_bias=d.consumer_bias)
+def _apply(model, d: Decision, timer: Timings):
+    with timer.phase("rewrite"):
+        prune_unit_(model, d.unit, d.keep, consumer_weight=d.consumer_weight, consumer_bias=d.consumer_bias)
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -64,9 +66,11 @@ def transplant(model: nn.Module, source: nn.Module) -> None:
 
 # ------------------------------------------------------------------ schedules
 def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], data, cfg: PruneConfig,
-                   device) -> list[Decision | dict]:
-    """Paper schedule: statistics of each unit on the partly pruned model, forward stopped
-    at its consumer; a checkpoint after every unit when ``cfg.resume`` is set."""
+                   device, spec: StatsSpec, timer: Timings) -> list[dict]:
+    """Paper schedule: statistics of each unit on the partly pruned model. Each unit's
+    pass runs only the segment from the replay cache to its consumer (or from the
+    images, past the cache's memory budget); a checkpoint after every unit when
+    ``cfg.resume`` is set."""
     records: list = []
     done: set[str] = set()
     if cfg.resume and os.path.exists(cfg.resume):
@@ -75,33 +79,43 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
         done = {r["producer"] for r in records}
         # the whole checkpointed model: a per-unit fine-tune may have changed any layer
         transplant(model, ckpt["model"].to(device))
+    replay = Replay(model, data, spec.num_images, device, host_budget=cfg.replay_memory,
+                    enabled=cfg.replay_memory != 0, images_only=cfg.finetune is not None)
     for index, unit in enumerate(units):
         if unit.producer in done:
             continue
-        stats = _collect(model, [unit], data, cfg, device, f"[{index + 1}/{len(units)}] {unit.consumer}",
-                         first_index=index)[unit.producer]
-        d = _decide(model, unit, stats, n_keep[unit.producer], cfg)
-        _apply(model, d)
+        source = replay.plan(unit)
+        with progress_bar(spec.num_images, f"[{index + 1}/{len(units)}] {unit.consumer}", cfg.progress) as bar:
+            stats = collect_units(model, [unit], source.batches(), spec, first_index=index,
+                                  forward=source.forward(), bar=bar, timer=timer)[unit.producer]
+        d = _decide(model, unit, stats, n_keep[unit.producer], cfg, timer)
+        _apply(model, d, timer)
+        replay.commit(unit, d.keep)
         if cfg.finetune is not None:
             cfg.finetune(model, unit, index)
-        records.append(d.record())
+        records.append(dict(d.record(), replay=source.describe()))
         if cfg.resume:
             save_checkpoint(cfg.resume, model, cfg, records)
     return records
 
 
 def run_oneshot(model: nn.Module, units: list[Unit], n_keep: dict[str, int], data, cfg: PruneConfig,
-                device) -> list[dict]:
-    """One pass collects every unit's statistics; ThiNet's greedy runs as one batched call."""
-    stats = _collect(model, units, data, cfg, device, "statistics (one-shot)")
+                device, spec: StatsSpec, timer: Timings, stats: dict | None = None) -> list[dict]:
+    """One pass collects every unit's statistics (unless the budget pass already did);
+    ThiNet's greedy runs as one batched call."""
+    if stats is None:
+        with progress_bar(spec.num_images, "statistics (one-shot)", cfg.progress) as bar:
+            stats = collect_units(model, units, iter_batches(data, spec.num_images, device), spec, bar=bar,
+                                  timer=timer)
     selections = [None] * len(units)
     if cfg.method == "thinet":
-        backend = selection_backend("thinet", cfg.backend, stats[units[0].producer].gram.device)
-        selections = select_thinet_batched([stats[u.producer] for u in units],
-                                           [n_keep[u.producer] for u in units], backend=backend)
+        with timer.phase("selection"):
+            backend = selection_backend("thinet", cfg.backend, stats[units[0].producer].gram.device)
+            selections = select_thinet_batched([stats[u.producer] for u in units],
+                                               [n_keep[u.producer] for u in units], backend=backend)
     # every decision reads the unpruned consumers before any module is rewritten
-    decisions = [_decide(model, u, stats[u.producer], n_keep[u.producer], cfg, sel)
+    decisions = [_decide(model, u, stats[u.producer], n_keep[u.producer], cfg, timer, sel)
                  for u, sel in zip(units, selections)]
     for d in decisions:
-        _apply(model, d)
+        _apply(model, d, timer)
     return [d.record() for d in decisions]

@@ -1,0 +1,200 @@
+"""Activation replay for the sequential schedule (DESIGN.md §7).
+
+The calibration activations are cached at a cut point of the traced graph. Each unit's
+statistics come from running only the segment from the cached point to its consumer,
+on the model as pruned so far; while it runs, the activations at the next cut point are
+cached for the next unit. When a unit's consumer input is itself a cut point (a chain),
+the kept channels of the cached input become the next segment's input once the unit is
+pruned. The cache is bounded by a memory budget; past it a unit re-runs from the images.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..segments import Segments
+from ..units import Unit
+from .collect import iter_batches
+
+MB = 1 << 20
+
+
+def available_host_memory() -> int:
+    """Bytes of host memory available now (MemAvailable, else free physical pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def default_budgets(device: torch.device, host_budget: int | None) -> tuple[int, int]:
+    """(device bytes, host bytes) the cache may use: half of what is free on each, or
+    ``host_budget`` for the host (0 turns replay off)."""
+    host = available_host_memory() // 2 if host_budget is None else int(host_budget)
+    dev = 0
+    if device.type == "cuda" and host != 0:
+        free, _ = torch.cuda.mem_get_info(device)
+        dev = free // 2
+    return dev, host
+
+
+@dataclass
+class _Cache:
+    pos: int
+    values: list
+    nbytes: int = 0
+    on_host: bool = False
+
+
+class Replay:
+    """Where each sequential unit's statistics pass starts, and the cache behind it.
+
+    Use per unit: ``source = replay.plan(unit)``, feed ``source.batches()`` through
+    ``source.forward``, then ``replay.commit(unit, keep)`` after the unit is pruned."""
+
+    def __init__(self, model: nn.Module, data, num_images: int, device: torch.device, *,
+                 host_budget: int | None = None, enabled: bool = True, images_only: bool = False):
+        """``images_only``: cache the input batches only (a per-unit fine-tune may change
+        any layer, so no later activation stays valid)."""
+        self.model, self.data, self.num_images, self.device = model, data, num_images, device
+        self.images_only = images_only
+        self.dev_budget, self.host_budget = default_budgets(device, host_budget) if enabled else (0, 0)
+        self.enabled = enabled and self.host_budget + self.dev_budget > 0
+        self.seg = Segments(model) if self.enabled else None
+        self.cache: _Cache | None = None
+        self._next: _Cache | None = None
+        self._overflow = False
+
+    def plan(self, unit: Unit) -> "_Source":
+        if not self.enabled:
+            return _Source(self, None, None, None, unit)
+        seg = self.seg
+        if self.images_only:
+            return _Source(self, seg.input, seg.input, seg.input, unit)
+        target = seg.input_of(unit.consumer)
+        start = self.cache.pos if self.cache is not None and self.cache.pos <= target else seg.input
+        if self.cache is not None and start == seg.input:
+            self.cache = None  # it lies beyond this unit's consumer: useless from now on
+        if seg.is_cut(target):
+            capture = target  # its kept channels are the next segment's input
+        else:
+            capture = seg.latest_cut(seg.call(unit.producer))  # unchanged by pruning this unit
+            if capture < start:
+                capture = start if start < seg.call(unit.producer) else None
+        return _Source(self, start, capture, target, unit)
+
+    def commit(self, unit: Unit, keep: torch.Tensor) -> None:
+        """Make the activations captured for ``unit`` the cache, sliced to the kept
+        channels when they are the consumer's input."""
+        nxt, self._next = self._next, None
+        if nxt is None:
+            return
+        if nxt.pos == self.seg.input_of(unit.consumer):
+            keep = keep.to(torch.long)
+            for i, v in enumerate(nxt.values):
+                nxt.values[i] = _slice_channels(v, keep, unit)
+                if nxt.values[i] is None:
+                    self.cache = None
+                    return
+            nxt.nbytes = sum(v.numel() * v.element_size() for v in nxt.values)
+        self.cache = nxt
+
+
+class _Source:
+    """One unit's statistics pass: its batches, its forward and what it caches."""
+
+    def __init__(self, replay: Replay, start, capture, target, unit: Unit):
+        self.replay, self.start, self.capture, self.target, self.unit = replay, start, capture, target, unit
+        self.stored: _Cache | None = None
+        self.dropped = False
+        self._replayed = False
+
+    @property
+    def from_cache(self) -> bool:
+        r = self.replay
+        return r.cache is not None and r.cache.pos == self.start
+
+    def describe(self) -> str:
+        r = self.replay
+        if not r.enabled:
+            return "from the images (replay off)"
+        where = f"replayed from `{r.seg.name(self.start)}`" if self._replayed else "from the images"
+        if self.stored is not None and not self.dropped:
+            place = "host" if self.stored.on_host else str(r.device)
+            where += f"; cached `{r.seg.name(self.capture)}` ({self.stored.nbytes / MB:.1f} MB on {place})"
+        elif self.dropped:
+            where += f"; `{r.seg.name(self.capture)}` not cached: over the replay memory budget"
+        return where
+
+    def batches(self):
+        r = self.replay
+        self._replayed = self.from_cache
+        if not self._replayed:
+            yield from iter_batches(r.data, r.num_images, r.device)
+            return
+        cache = r.cache
+        reuse = self.capture == self.start  # the same cache serves the next unit
+        copy = r.seg.mutated(r.model, self.start)
+        for i, v in enumerate(cache.values):
+            if not reuse:
+                cache.values[i] = None  # free as we go
+            x = v.to(r.device, non_blocking=True)
+            yield x.clone() if copy and reuse and x.data_ptr() == v.data_ptr() else x
+        if not reuse:
+            r.cache = None
+
+    def forward(self):
+        r = self.replay
+        if not r.enabled:
+            return None
+        if self.capture is None or (self.capture == self.start and self.from_cache):
+            if self.capture is not None:
+                r._next = r.cache
+            return r.seg.forward(r.model, self.start)
+        self.stored = _Cache(self.capture, [], on_host=r.device.type == "cpu")
+        r._next = self.stored
+        copy = r.seg.mutated(r.model, self.capture)
+
+        def keep(v):
+            c = self.stored
+            if self.dropped:
+                return
+            if not isinstance(v, torch.Tensor):
+                return self._drop()
+            size = v.numel() * v.element_size()
+            if not c.on_host and c.nbytes + size > r.dev_budget:  # spill to host memory
+                c.values[:] = [t.cpu() for t in c.values]
+                c.on_host = True
+            if c.on_host and c.nbytes + size > r.host_budget:
+                return self._drop()
+            v = v.detach()
+            c.values.append(v.cpu() if c.on_host and v.device.type != "cpu" else (v.clone() if copy else v))
+            c.nbytes += size
+        return r.seg.forward(r.model, self.start, capture=self.capture, keep=keep)
+
+    def _drop(self):
+        self.dropped = True
+        self.stored.values.clear()
+        self.replay._next = None
+
+
+def _slice_channels(v: torch.Tensor, keep: torch.Tensor, unit: Unit):
+    """The consumer input after its producer kept ``keep``: a channel slice (a block of
+    ``taps`` features per channel after flatten)."""
+    keep = keep.to(v.device)
+    if unit.consumer_kind == "conv" and v.dim() == 4 and v.shape[1] == unit.channels:
+        return v.index_select(1, keep)
+    if unit.consumer_kind == "linear" and v.dim() == 2 and v.shape[1] == unit.channels * unit.taps:
+        n = v.shape[0]
+        return v.reshape(n, unit.channels, unit.taps).index_select(1, keep).reshape(n, -1)
+    return None

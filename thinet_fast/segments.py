@@ -1,0 +1,145 @@
+"""Run a traced model piece by piece: cut points and segments (DESIGN.md §7, Replay).
+
+A *cut point* is a node of the traced graph that every later value depends on alone: in
+topological order, no earlier input-dependent node is used after it (a layer boundary in
+a chain, a block input in a ResNet). The activation at a cut point is all a later
+segment needs, so activations cached there can be replayed instead of the images.
+
+:class:`Segments` runs the graph from a cut point's value up to a module call, with
+the modules looked up by name in the *live* model on every call, so segments stay right
+while units are rewritten. This module knows modules and the fx graph, not the math.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .units import _trace, get_module
+
+__all__ = ["Segments"]
+
+_INPLACE_FNS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ior, operator.iand}
+
+
+def _attr(model: nn.Module, target: str):
+    mod_name, _, name = target.rpartition(".")
+    return getattr(get_module(model, mod_name), name)
+
+
+class Segments:
+    """The traced graph of ``model`` with its cut points.
+
+    Node positions are indices in topological order; position 0 is the input."""
+
+    def __init__(self, model: nn.Module, leaf_modules: Iterable[str] = ()):
+        gm = _trace(model, leaf_modules)
+        self.nodes: list[fx.Node] = list(gm.graph.nodes)
+        self.pos = {n: i for i, n in enumerate(self.nodes)}
+        inputs = [n for n in self.nodes if n.op == "placeholder"]
+        if len(inputs) != 1:
+            raise ValueError(f"replay needs a model with one input; {type(model).__name__} takes {len(inputs)}")
+        self.input = self.pos[inputs[0]]
+        dynamic = set()
+        for n in self.nodes:
+            if n.op == "placeholder" or any(a in dynamic for a in n.all_input_nodes):
+                dynamic.add(n)
+        self.dynamic = [n in dynamic for n in self.nodes]
+        # a node's value may be freed after the last node that reads it
+        self.last_use = [max((self.pos[u] for u in n.users), default=i) for i, n in enumerate(self.nodes)]
+        self.cuts: list[int] = []
+        live_until = -1
+        for i, n in enumerate(self.nodes):
+            if self.dynamic[i] and n.op != "output" and live_until <= i:
+                self.cuts.append(i)
+            if self.dynamic[i]:
+                live_until = max(live_until, self.last_use[i])
+        self._calls = {}
+        for i, n in enumerate(self.nodes):
+            if n.op == "call_module":
+                self._calls.setdefault(str(n.target), i)
+
+    def name(self, pos: int) -> str:
+        return "input" if pos == self.input else self.nodes[pos].name
+
+    def call(self, fqn: str) -> int:
+        """Position of the (first) call of module ``fqn``."""
+        if fqn not in self._calls:
+            raise KeyError(f"module `{fqn}` is not called in the traced graph")
+        return self._calls[fqn]
+
+    def input_of(self, fqn: str) -> int:
+        """Position of the node whose value is the first argument of module ``fqn``'s call."""
+        arg = self.nodes[self.call(fqn)].args[0]
+        if not isinstance(arg, fx.Node):
+            raise ValueError(f"module `{fqn}` is not called on a traced value")
+        return self.pos[arg]
+
+    def mutated(self, model: nn.Module, pos: int) -> bool:
+        """True if a reader of node ``pos`` may change its value in place (a cached
+        value there must then be copied before it is run on)."""
+        for u in self.nodes[pos].users:
+            if u.kwargs.get("inplace") or (u.op == "call_function" and u.target in _INPLACE_FNS):
+                return True
+            if u.op == "call_method" and str(u.target).endswith("_"):
+                return True
+            if u.op == "call_module" and getattr(get_module(model, str(u.target)), "inplace", False):
+                return True
+        return False
+
+    def is_cut(self, pos: int) -> bool:
+        return pos in self.cuts
+
+    def latest_cut(self, before: int) -> int:
+        """The last cut point strictly before position ``before`` (the input at worst)."""
+        return max(c for c in self.cuts if c < before) if before > self.cuts[0] else self.cuts[0]
+
+    def run(self, model: nn.Module, start: int, value, *, capture: int | None = None, stop: int | None = None):
+        """Evaluate the graph from cut point ``start`` (holding ``value``) with ``model``'s
+        modules. Returns the value at ``capture``, or the model's output without one.
+        Stops after node ``stop``; a module hook may also stop it by raising."""
+        if start not in self.cuts:
+            raise ValueError(f"position {start} ({self.name(start)}) is not a cut point")
+        env: dict[fx.Node, object] = {self.nodes[start]: value}
+        captured = value if capture == start else None
+        end = len(self.nodes) - 1 if stop is None else stop
+        for i, n in enumerate(self.nodes[: end + 1]):
+            if i <= start and self.dynamic[i] or n.op == "placeholder":
+                continue
+            if n.op == "output":
+                return fx.node.map_arg(n.args[0], env.__getitem__) if capture is None else captured
+            args = fx.node.map_arg(n.args, env.__getitem__)
+            kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+            if n.op == "call_module":
+                out = get_module(model, str(n.target))(*args, **kwargs)
+            elif n.op == "call_function":
+                out = n.target(*args, **kwargs)
+            elif n.op == "call_method":
+                obj, *rest = args
+                out = getattr(obj, n.target)(*rest, **kwargs)
+            elif n.op == "get_attr":
+                out = _attr(model, str(n.target))
+            else:
+                raise RuntimeError(f"unexpected fx node op {n.op!r}")
+            env[n] = out
+            if i == capture:
+                captured = out
+            for a in n.all_input_nodes:  # free what no later node reads
+                if self.dynamic[self.pos[a]] and self.last_use[self.pos[a]] <= i:
+                    env.pop(a, None)
+        return captured
+
+    def forward(self, model: nn.Module, start: int, capture: int | None = None, keep=None):
+        """A ``forward(x)`` for :func:`thinet_fast.pipeline.collect.feed` that runs from
+        cut point ``start``; with ``capture`` (a later cut point) each batch's value
+        there goes to ``keep(value)`` before the rest runs (and before any hook stops it)."""
+        def run(x):
+            if capture is None:
+                return self.run(model, start, x)
+            v = x if capture == start else self.run(model, start, x, capture=capture, stop=capture)
+            keep(v)
+            return self.run(model, capture, v)
+        return run
