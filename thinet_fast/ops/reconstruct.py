@@ -42,13 +42,22 @@ def _ridge_solve(A: torch.Tensor, B: torch.Tensor, ridge: float, prior: torch.Te
     lam = ridge * float(A.diagonal().mean().clamp_min(0))
     if not lam > 0:
         lam = 1e-12 if float(A.abs().max()) == 0 else ridge * float(A.abs().max())
-    Ar = A + lam * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     B = B.double() if prior is None else B.double() + lam * prior.double()
-    L, info = torch.linalg.cholesky_ex(Ar)
-    if int(info) == 0:
-        X = torch.cholesky_solve(B, L)
-    else:  # not numerically PSD: least squares never fails
-        X = torch.linalg.lstsq(Ar.cpu(), B.cpu(), driver="gelsd").solution.to(A.device)
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    # not numerically PD (rank-deficient float32 statistics): grow the ridge, then eigh;
+    # never an SVD-based lstsq on the hot path
+    for step in range(4):
+        L, info = torch.linalg.cholesky_ex(A + lam * eye)
+        if int(info) == 0:
+            if step and prior is not None:  # the larger ridge pulls harder towards the prior
+                B = B + (lam - lam0) * prior.double()
+            return torch.nan_to_num(torch.cholesky_solve(B, L), nan=0.0, posinf=0.0, neginf=0.0)
+        lam0 = lam if step == 0 else lam0
+        lam *= 100.0
+    lam = lam0
+    evals, evecs = torch.linalg.eigh(A)
+    inv = 1.0 / (evals.clamp_min(0) + lam)
+    X = evecs @ (inv[:, None] * (evecs.T @ B))
     return torch.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -77,15 +86,6 @@ def scale_error(gram: torch.Tensor, keep, w: torch.Tensor | None = None) -> torc
     return (err / yy.clamp_min(torch.finfo(torch.float64).tiny)).clamp_min(0)
 
 
-def _centred(cov: torch.Tensor, mean: torch.Tensor | None, count: int | None) -> torch.Tensor:
-    if mean is None:
-        return cov.double()
-    if not count:
-        raise ValueError("centred statistics need the patch count")
-    mu = mean.reshape(-1).double()
-    return cov.double() / count - torch.outer(mu, mu)
-
-
 def refit_full(kernel: torch.Tensor, cov: torch.Tensor, keep, *, mean: torch.Tensor | None = None,
                count: int | None = None, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
     """Least-squares refit of the whole consumer weight on the kept channels' taps.
@@ -107,10 +107,18 @@ def refit_full(kernel: torch.Tensor, cov: torch.Tensor, keep, *, mean: torch.Ten
     _check_square(cov, "cov")
     S = _keep_index(keep, C, kernel.device)
     taps = (S[:, None] * t + torch.arange(t, device=S.device)).reshape(-1)
-    P = _centred(cov, mean, count).to(kernel.device)
-    rhs = P[taps] @ W.reshape(K, C * t).T  # (|S|t, K)
+    # only the kept rows of P, centred block-wise: no float64 copy of the whole (C·t)² matrix
+    rows = cov.to(kernel.device)[taps]
+    rhs = (rows @ kernel.reshape(K, C * t).to(rows.dtype).T).double()  # (|S|t, K) in the statistics' dtype
+    P_SS = rows[:, taps].double()
+    if mean is not None:
+        if not count:
+            raise ValueError("centred statistics need the patch count")
+        mu = mean.reshape(-1).double().to(kernel.device)
+        rhs = rhs / count - torch.outer(mu[taps], mu @ W.reshape(K, C * t).T)
+        P_SS = P_SS / count - torch.outer(mu[taps], mu[taps])
     prior = W.reshape(K, C * t)[:, taps].T
-    Wn = _ridge_solve(P[taps][:, taps], rhs, ridge, prior=prior).T
+    Wn = _ridge_solve(P_SS, rhs, ridge, prior=prior).T
     return Wn.reshape(K, S.numel(), t)
 
 
@@ -139,8 +147,15 @@ def refit_error(kernel: torch.Tensor, new_kernel: torch.Tensor, keep, cov: torch
     S = _keep_index(keep, C, kernel.device)
     D = W.clone()
     D[:, S] -= new_kernel.reshape(K, -1, t).double()
-    P = _centred(cov, mean, count).to(kernel.device)
     Df, Wf = D.reshape(K, -1), W.reshape(K, -1)
-    num = torch.einsum("ki,ij,kj->", Df, P, Df)
-    den = torch.einsum("ki,ij,kj->", Wf, P, Wf)
+    P = cov.to(kernel.device)
+
+    def quad(M):  # tr(M P Mᵀ), centred when the mean is given: two products, no einsum
+        q = ((M.to(P.dtype) @ P).double() * M).sum()
+        if mean is None:
+            return q
+        if not count:
+            raise ValueError("centred statistics need the patch count")
+        return q / count - (M @ mean.reshape(-1).double().to(M.device)).square().sum()
+    num, den = quad(Df), quad(Wf)
     return (num / den.clamp_min(torch.finfo(torch.float64).tiny)).clamp_min(0)
