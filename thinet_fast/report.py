@@ -81,8 +81,11 @@ class Report:
             for u in self.units:
                 urows.append((u["producer"], u["consumer"], str(u["channels"]), str(u["kept"]), u["method"],
                               u["statistics"], u["reconstruction"], f"{u['error_selected']:.4f}",
-                              f"{u['error_reconstructed']:.4f}"))
-            out.append(format_table(urows))
+                              f"{u['error_reconstructed']:.4f}" + ("" if u.get("heldout_images") else "*")))
+            legend = "err: relative output error of the consumer on held-out calibration images, which no fit saw"
+            if any(not u.get("heldout_images") for u in self.units):
+                legend += "; * in sample (no held-out images: holdout=0 or too few images)"
+            out.append(format_table(urows) + "\n" + legend)
         if self.backend:
             out.append("backends: " + ", ".join(f"{k}={v}" for k, v in self.backend.items()))
         if self.timings:

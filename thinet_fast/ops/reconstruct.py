@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ls_scale", "refit_full", "bias_compensation", "scale_error", "refit_error", "DEFAULT_RIDGE"]
+__all__ = ["ls_scale", "refit_full", "bias_compensation", "scale_error", "refit_error", "heldout_error",
+           "choose_scale_ridge", "refit_full_cv", "DEFAULT_RIDGE", "RIDGES"]
 
 DEFAULT_RIDGE = 1e-8
+# relative ridges tried on the held-out fold, strongest first; inf keeps the unpruned
+# weights of the kept channels (no reconstruction), which the data may well prefer
+RIDGES = (float("inf"), 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-6)
 
 
 def _keep_index(keep, C: int, device) -> torch.Tensor:
@@ -32,6 +36,13 @@ def _check_square(A, name: str) -> None:
         raise ValueError(f"{name} contains NaN or Inf; check the statistics (a diverged model or an fp16 overflow)")
 
 
+def _lam(A: torch.Tensor, ridge: float) -> float:
+    lam = ridge * float(A.diagonal().mean().clamp_min(0))
+    if not lam > 0:
+        lam = 1e-12 if float(A.abs().max()) == 0 else ridge * float(A.abs().max())
+    return lam
+
+
 def _ridge_solve(A: torch.Tensor, B: torch.Tensor, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
     """(A + λI)⁻¹ (B + λ·prior) for symmetric PSD A, λ = ridge·mean(diag A); float64.
 
@@ -39,9 +50,9 @@ def _ridge_solve(A: torch.Tensor, B: torch.Tensor, ridge: float, prior: torch.Te
     directions the data never excites keep their original values, and keeping every
     channel gives back the original weights exactly."""
     A = A.double()
-    lam = ridge * float(A.diagonal().mean().clamp_min(0))
-    if not lam > 0:
-        lam = 1e-12 if float(A.abs().max()) == 0 else ridge * float(A.abs().max())
+    if ridge == float("inf"):  # all the way to the prior
+        return torch.zeros_like(B, dtype=torch.float64) if prior is None else prior.double().expand_as(B).clone()
+    lam = _lam(A, ridge)
     B = B.double() if prior is None else B.double() + lam * prior.double()
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     # not numerically PD (rank-deficient float32 statistics): grow the ridge, then eigh;
@@ -159,3 +170,97 @@ def refit_error(kernel: torch.Tensor, new_kernel: torch.Tensor, keep, cov: torch
         return q / count - (M @ mean.reshape(-1).double().to(M.device)).square().sum()
     num, den = quad(Df), quad(Wf)
     return (num / den.clamp_min(torch.finfo(torch.float64).tiny)).clamp_min(0)
+
+
+def heldout_error(kernel: torch.Tensor, new_kernel: torch.Tensor, keep, patches: torch.Tensor,
+                  mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Relative error ``Σ_s ‖D(z_s - μ)‖² / Σ_s ‖W(z_s - μ)‖²`` on patches (m, C·t) the fit
+    never saw, D = W - W'_S; ``mean`` is the fit's μ (with bias compensation), else 0."""
+    K, C = kernel.shape[0], kernel.shape[1]
+    W = kernel.reshape(K, C, -1).double()
+    S = _keep_index(keep, C, kernel.device)
+    D = W.clone()
+    D[:, S] -= new_kernel.reshape(K, -1, W.shape[2]).double().to(W.device)
+    Z = patches.to(kernel.device).double()
+    if mean is not None:
+        Z = Z - mean.reshape(-1).double().to(Z.device)
+    num = (Z @ D.reshape(K, -1).T).square().sum()
+    den = (Z @ W.reshape(K, -1).T).square().sum()
+    return num / den.clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def choose_scale_ridge(gram_fit: torch.Tensor, gram_held: torch.Tensor, keep, ridges=RIDGES):
+    """The ridge whose scale fit on ``gram_fit`` has the least error on ``gram_held``.
+    Returns (ridge, held-out error)."""
+    best = (float("inf"), float("inf"))
+    for r in ridges:
+        err = float(scale_error(gram_held, keep, ls_scale(gram_fit, keep, ridge=r)))
+        if err < best[1]:
+            best = (r, err)
+    return best
+
+
+def refit_full_cv(kernel: torch.Tensor, cov: torch.Tensor, keep, patches: torch.Tensor, *, count: int,
+                  patch_sum: torch.Tensor | None = None, ridges=RIDGES):
+    """:func:`refit_full` with the ridge chosen on a held-out fold.
+
+    ``patches`` (m, C·t) are the held-out patches, which ``cov`` (and ``patch_sum``,
+    ``count``) include: the fit fold is the totals minus them. Each ridge (strongest
+    first; the search stops once the error has risen twice) is fitted on the fit fold
+    and scored on the held-out patches, with one Cholesky and m right-hand sides, not K.
+    The chosen ridge is then refitted on all samples. With ``patch_sum`` the fits are
+    centred (bias compensation).
+
+    Returns (new weight (K, |S|, t) float64, ridge, held-out error of the fold's fit).
+    """
+    K, C = kernel.shape[0], kernel.shape[1]
+    W = kernel.reshape(K, C, -1).double()
+    t = W.shape[2]
+    if cov.shape != (C * t, C * t):
+        raise ValueError(f"cov has shape {tuple(cov.shape)}; expected ({C * t}, {C * t}) for C={C}, t={t}")
+    _check_square(cov, "cov")
+    S = _keep_index(keep, C, kernel.device)
+    taps = (S[:, None] * t + torch.arange(t, device=S.device)).reshape(-1)
+    Z = patches.to(kernel.device)
+    m = Z.shape[0]
+    if not 0 < m < count:
+        raise ValueError(f"need 0 < held-out patches < count; got {m} and {count}")
+    Wf = W.reshape(K, C * t)
+    rows = cov.to(kernel.device)[taps]
+    rhs_all = (rows @ kernel.reshape(K, C * t).to(rows.dtype).T).double()  # the one (|S|t × C·t × K) product
+    A_all = rows[:, taps].double()
+    Zd = Z.double()
+    ZS, old = Zd[:, taps], Zd @ Wf.T                     # held-out patches on S; their unpruned outputs
+    A_fit, rhs_fit = A_all - ZS.T @ ZS, rhs_all - ZS.T @ old
+    n_all, n_fit = count, count - m
+    if patch_sum is not None:  # centre each fold on its own mean
+        s_all = patch_sum.reshape(-1).double().to(Zd.device)
+        mu_all, mu_fit = s_all / n_all, (s_all - Zd.sum(0)) / n_fit
+        A_all = A_all / n_all - torch.outer(mu_all[taps], mu_all[taps])
+        rhs_all = rhs_all / n_all - torch.outer(mu_all[taps], Wf @ mu_all)
+        A_fit = A_fit / n_fit - torch.outer(mu_fit[taps], mu_fit[taps])
+        rhs_fit = rhs_fit / n_fit - torch.outer(mu_fit[taps], Wf @ mu_fit)
+        old = old - Wf @ mu_fit
+        ZS = ZS - mu_fit[taps]
+    prior = Wf[:, taps].T
+    energy = old.square().sum().clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(A_fit.shape[0], dtype=A_fit.dtype, device=A_fit.device)
+    best, rises = (ridges[-1], float("inf")), 0
+    for r in ridges:
+        if r == float("inf"):
+            err = float((old - ZS @ prior).square().sum() / energy)
+        else:
+            lam = _lam(A_fit, r)
+            L, info = torch.linalg.cholesky_ex(A_fit + lam * eye)
+            if int(info):
+                continue
+            Y = torch.cholesky_solve(ZS.T.contiguous(), L)  # (d, m)
+            err = float((old - Y.T @ (rhs_fit + lam * prior)).square().sum() / energy)
+        if err < best[1]:
+            best, rises = (r, err), 0
+        else:
+            rises += 1
+            if rises == 2:
+                break
+    Wn = _ridge_solve(A_all, rhs_all, best[0], prior=prior).T
+    return Wn.reshape(K, S.numel(), t), best[0], best[1]

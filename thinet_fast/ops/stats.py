@@ -6,6 +6,10 @@ the per-channel zero counts (APoZ) and, in ``full`` mode, the patch covariance P
 Accumulators with the same settings add (``merge``/``+``); ``tensors()`` lists the
 buffers a distributed all-reduce sums.
 
+Every ``holdout_every``-th image also goes to a held-out fold (its Gram, and its
+patches where P is kept, up to ``holdout_max`` samples): the totals include it, and a
+reconstruction fitted on the rest can be scored on images it never saw (DESIGN §5).
+
 Modes:
   * ``sampled`` — the paper: L random locations per image, one random output each.
   * ``full``    — P over the sampled (or all) locations; G = (WᵀW ∘ P) summed per
@@ -20,20 +24,36 @@ import torch
 
 from . import dispatch
 from .gram import direct_gram, gram_from_cov, patch_moments, patch_sum, sampled_gram
-from .patches import ConsumerGeometry, sample_locations
+from .patches import ConsumerGeometry, gather_patches, sample_locations
 
-__all__ = ["Statistics", "StatsAccumulator", "choose_mode", "MODES"]
+__all__ = ["Statistics", "HeldOut", "StatsAccumulator", "choose_mode", "MODES", "HOLDOUT_EVERY"]
 
 MODES = ("sampled", "full", "direct")
 STATS_BACKENDS = ("triton", "torch")
 # P is (C·t)²: above this it no longer pays to keep it (VGG conv5: 4608).
 MAX_COV_DIM = 8192
+HOLDOUT_EVERY = 5           # one image in five is held out
+_HELD_BYTES = 64 << 20      # bound on one unit's held-out patches
 
 
 def choose_mode(channels: int, taps: int, max_cov_dim: int = MAX_COV_DIM) -> str:
     """Cost model for ``statistics="auto"``: exact ``full`` while (C·t)² is small,
     ``direct`` otherwise (a Linear after flatten)."""
     return "full" if channels * taps <= max_cov_dim else "direct"
+
+
+@dataclass
+class HeldOut:
+    """The held-out fold: statistics of images that reconstruction fits must not see."""
+
+    gram: torch.Tensor                 # (C, C) G over the held-out samples only
+    count: int                         # rows of X that built it
+    images: int
+    patches: torch.Tensor | None = None  # (m, C·t) the held-out patches, where P is kept
+
+    @property
+    def samples(self) -> int:
+        return 0 if self.patches is None else self.patches.shape[0]
 
 
 @dataclass
@@ -49,6 +69,7 @@ class Statistics:
     elements: int                      # entries per channel looked at for `zeros`
     cov: torch.Tensor | None = None    # (C·t, C·t) Σ vec(z) vec(z)ᵀ, full mode only
     backend: str = "torch"
+    heldout: HeldOut | None = None     # part of the totals above, also kept apart
 
     @property
     def channels(self) -> int:
@@ -81,6 +102,10 @@ class StatsAccumulator:
         with_cov: also keep the patch covariance P in ``sampled``/``direct`` mode (the
             ``full`` reconstruction needs it).
         count_zeros: count zero inputs per channel (APoZ); it reads the whole input.
+        holdout_every: every n-th image (by arrival order) is also kept apart as the
+            held-out fold; 0 = none.
+        holdout_max: at most this many held-out samples (None: as many as fit in 64 MiB,
+            at least 256); images past it join only the totals.
     """
 
     kernel: torch.Tensor
@@ -93,6 +118,8 @@ class StatsAccumulator:
     backend: str = "auto"
     with_cov: bool = False
     count_zeros: bool = True
+    holdout_every: int = HOLDOUT_EVERY
+    holdout_max: int | None = None
     images_seen: int = 0
     _gen: torch.Generator = field(init=False, repr=False)
     _state: dict = field(init=False, repr=False)
@@ -106,6 +133,10 @@ class StatsAccumulator:
             raise ValueError(f"samples_per_image must be >= 1 or None; got {self.samples_per_image}")
         if self.outputs_per_sample is not None and self.outputs_per_sample < 1:
             raise ValueError(f"outputs_per_sample must be >= 1 or None; got {self.outputs_per_sample}")
+        if self.holdout_every < 0 or self.holdout_every == 1:
+            raise ValueError(f"holdout_every must be 0 (no held-out fold) or >= 2; got {self.holdout_every}")
+        if self.holdout_max is not None and self.holdout_max < 0:
+            raise ValueError(f"holdout_max must be >= 0 or None; got {self.holdout_max}")
         if self.mode == "sampled" and self.samples_per_image is None and not self.geometry.linear:
             raise ValueError("sampled mode draws one output per location; give samples_per_image (the paper uses 10)")
         self.kernel = self.geometry.as_kernel(self.kernel.detach())
@@ -118,7 +149,11 @@ class StatsAccumulator:
             "patch_sum": torch.zeros(C * t, dtype=self.dtype, device=dev),
             "zeros": torch.zeros(C, dtype=torch.int64, device=dev),
             "count": 0, "patch_count": 0, "elements": 0,
+            "held_gram": torch.zeros(C, C, dtype=self.dtype, device=dev),
+            "held_count": 0, "held_images": 0, "held_samples": 0, "held_patches": [],
         }
+        if self.holdout_max is None:
+            self.holdout_max = max(256, _HELD_BYTES // (C * t * torch.finfo(self.dtype).bits // 8))
         if self.keeps_cov:
             self._state["cov"] = torch.zeros(C * t, C * t, dtype=self.dtype, device=dev)
         requested = self.backend
@@ -155,19 +190,36 @@ class StatsAccumulator:
         per_image = None if (self.geometry.linear and self.mode != "sampled") else self.samples_per_image
         img, oy, ox = sample_locations(self._gen, N, (oh, ow), per_image)
         S = img.numel()
+        hs = self._held_images(N, S // N)[img]  # held-out samples, by their image
+        held = (img[hs], oy[hs], ox[hs]) if bool(hs.any()) else None
         if self.mode == "sampled":
             k = torch.randint(self.kernel.shape[0], (S,), generator=self._gen)
             st["gram"] += sampled_gram(x, self.kernel, self.geometry, img, oy, ox, k,
                                        acc_dtype=self.dtype, backend=self.backend)
             st["count"] += S
+            if held:
+                st["held_gram"] += sampled_gram(x, self.kernel, self.geometry, *held, k[hs],
+                                                acc_dtype=self.dtype, backend=self.backend)
+                st["held_count"] += held[0].numel()
         elif self.mode == "full":
             st["count"] += S * self.kernel.shape[0]
+            if held:  # its Gram comes from its patches in result()
+                st["held_count"] += held[0].numel() * self.kernel.shape[0]
         else:
             R = self.outputs_per_sample
             k = None if R is None else torch.randint(self.kernel.shape[0], (S, R), generator=self._gen)
             st["gram"] += direct_gram(x, self.kernel, self.geometry, img, oy, ox, k,
                                       acc_dtype=self.dtype)
             st["count"] += S * (self.kernel.shape[0] if R is None else R)
+            if held:
+                st["held_gram"] += direct_gram(x, self.kernel, self.geometry, *held, None if k is None else k[hs],
+                                               acc_dtype=self.dtype)
+                st["held_count"] += held[0].numel() * (self.kernel.shape[0] if R is None else R)
+        if held:
+            st["held_samples"] += held[0].numel()
+            if self.keeps_cov:
+                z = gather_patches(x, self.geometry, *held).reshape(held[0].numel(), -1).to(self.dtype)
+                st["held_patches"].append(z)
         if self.keeps_cov:
             P, zsum = patch_moments(x, self.geometry, img, oy, ox, acc_dtype=self.dtype, backend=self.backend)
             st["cov"] += P
@@ -177,13 +229,27 @@ class StatsAccumulator:
         st["patch_count"] += S
         self.images_seen += N
 
+    def _held_images(self, n: int, per_image: int) -> torch.Tensor:
+        """(n,) bool: which images of this batch join the held-out fold."""
+        mask = torch.zeros(n, dtype=torch.bool)
+        if not self.holdout_every:
+            return mask
+        st = self._state
+        index = self.images_seen + torch.arange(n)
+        mask = (index % self.holdout_every) == self.holdout_every - 1
+        room = max(0, (self.holdout_max - st["held_samples"]) // max(per_image, 1))
+        mask &= mask.cumsum(0) <= room
+        st["held_images"] += int(mask.sum())
+        return mask
+
     # -- combining --------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:
         """The buffers to sum across processes (counts included, as a tensor)."""
         st = self._state
-        counts = torch.tensor([st["count"], st["patch_count"], st["elements"], self.images_seen],
+        counts = torch.tensor([st["count"], st["patch_count"], st["elements"], self.images_seen,
+                               st["held_count"], st["held_images"], st["held_samples"]],
                               dtype=torch.float64, device=st["gram"].device)
-        out = [st["gram"], st["patch_sum"], st["zeros"], counts]
+        out = [st["gram"], st["patch_sum"], st["zeros"], counts, st["held_gram"]]
         if self.keeps_cov:
             out.append(st["cov"])
         return out
@@ -193,9 +259,23 @@ class StatsAccumulator:
         st = self._state
         st["gram"], st["patch_sum"], st["zeros"] = tensors[0], tensors[1], tensors[2]
         c = [int(round(float(v))) for v in tensors[3].tolist()]
-        st["count"], st["patch_count"], st["elements"], self.images_seen = c
+        st["count"], st["patch_count"], st["elements"], self.images_seen = c[:4]
+        st["held_count"], st["held_images"], st["held_samples"] = c[4:]
+        st["held_gram"] = tensors[4]
         if self.keeps_cov:
-            st["cov"] = tensors[4]
+            st["cov"] = tensors[5]
+
+    def held_patches(self) -> torch.Tensor:
+        """The held-out patches (m, C·t); distributed runs gather them (not summed)."""
+        st = self._state
+        D = self.channels * self.geometry.taps
+        if st["held_patches"]:
+            st["held_patches"] = [torch.cat(st["held_patches"])]
+            return st["held_patches"][0]
+        return torch.zeros(0, D, dtype=self.dtype, device=self.kernel.device)
+
+    def load_held_patches(self, patches: torch.Tensor) -> None:
+        self._state["held_patches"] = [patches] if patches.numel() else []
 
     def _check_compatible(self, other: "StatsAccumulator"):
         if not isinstance(other, StatsAccumulator) or other.mode != self.mode or \
@@ -215,7 +295,7 @@ class StatsAccumulator:
     def __add__(self, other: "StatsAccumulator") -> "StatsAccumulator":
         out = StatsAccumulator(self.kernel, self.geometry, self.mode, self.samples_per_image,
                                self.outputs_per_sample, self.seed, self.dtype, self.backend, self.with_cov,
-                               self.count_zeros)
+                               self.count_zeros, self.holdout_every, self.holdout_max)
         return out.merge(self).merge(other)
 
     def result(self) -> Statistics:
@@ -224,8 +304,15 @@ class StatsAccumulator:
         C, t = self.channels, self.geometry.taps
         cov = st["cov"].clone() if "cov" in st else None
         gram = gram_from_cov(self.kernel, cov, backend=self.backend) if self.mode == "full" else st["gram"].clone()
+        heldout = None
+        if st["held_images"]:
+            Z = self.held_patches().clone() if self.keeps_cov else None
+            held_gram = st["held_gram"].clone()
+            if self.mode == "full":
+                held_gram = gram_from_cov(self.kernel, Z.T @ Z, backend=self.backend)
+            heldout = HeldOut(held_gram, st["held_count"], st["held_images"], Z)
         return Statistics(
             mode=self.mode, gram=gram, count=st["count"], patch_count=st["patch_count"],
             patch_sum=st["patch_sum"].reshape(C, t).clone(), zeros=st["zeros"].clone(), elements=st["elements"],
-            cov=cov, backend=self.backend,
+            cov=cov, backend=self.backend, heldout=heldout,
         )

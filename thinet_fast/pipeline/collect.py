@@ -43,6 +43,7 @@ class StatsSpec:
         backend: the statistics kernels' backend ("triton", "torch" or "auto").
         with_cov: keep the patch covariance in every mode (the full refit needs it).
         count_zeros: count zero inputs per channel (APoZ).
+        holdout: every n-th image also forms the held-out fold; 0 = none.
     """
 
     statistics: str = "auto"
@@ -53,6 +54,7 @@ class StatsSpec:
     backend: str = "auto"
     with_cov: bool = False
     count_zeros: bool = True
+    holdout: int = 0
 
     def __post_init__(self):
         if self.statistics not in ("sampled", "full", "direct", "auto"):
@@ -68,7 +70,8 @@ class StatsSpec:
         statistics options)."""
         return cls(statistics=cfg.statistics, num_images=cfg.num_images, samples_per_image=cfg.samples_per_image,
                    seed=cfg.seed, dtype=cfg.stats_dtype, backend=cfg.backend_for(STATS_BACKENDS),
-                   with_cov=cfg.reconstruction == "full", count_zeros=cfg.method == "apoz")
+                   with_cov=cfg.reconstruction == "full", count_zeros=cfg.method == "apoz",
+                   holdout=cfg.holdout if cfg.reconstruction != "none" else 0)
 
     def replace(self, **changes) -> "StatsSpec":
         return dataclasses.replace(self, **changes)
@@ -86,7 +89,7 @@ class StatsSpec:
             weight, geometry, mode=mode, samples_per_image=self.samples_per_image, seed=self.seed_for(index),
             dtype=self.dtype, backend=self.backend,
             with_cov=self.with_cov and mode != "full" and channels * geometry.taps <= MAX_COV_DIM,
-            count_zeros=self.count_zeros)
+            count_zeros=self.count_zeros, holdout_every=self.holdout)
 
 
 def _rank_offset() -> int:
@@ -257,3 +260,18 @@ def reduce_accumulators(accs: list[StatsAccumulator]) -> None:
         for t in tensors:
             dist.all_reduce(t)
         acc.load_tensors(tensors)
+        if acc.keeps_cov:  # held-out patches are gathered, not summed
+            acc.load_held_patches(_all_gather_rows(acc.held_patches()))
+
+
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    dist = torch.distributed
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    most = int(max(int(s) for s in sizes))
+    padded = torch.zeros((most,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])

@@ -54,7 +54,13 @@ class PruneConfig:
         inplace: prune the given model instead of a copy.
         preset: a paper preset name (see ``thinet_fast.presets``); it fixes keep/units.
         stats_dtype: accumulation dtype (float32 or float64).
-        ridge: ridge factor for the least-squares solves.
+        ridge: the smallest ridge factor of the least-squares solves (relative to the
+            mean diagonal). With a held-out fold the solve's ridge is chosen from it and
+            larger ones (up to 1) on the held-out images; without, it is used as is.
+        holdout: every n-th calibration image (default 5) is also kept apart to choose
+            the reconstruction's ridge, to report its error on images the fit did not
+            see, and to fall back from a full refit to scale when scale does better
+            there (DESIGN §5). 0 = none: the fixed ``ridge`` and in-sample errors.
         progress: show progress bars.
     """
 
@@ -81,6 +87,7 @@ class PruneConfig:
     min_keep: float = 0.1
     stats_dtype: torch.dtype = torch.float32
     ridge: float = 1e-8
+    holdout: int = 5
     progress: bool = True
 
     def __post_init__(self):
@@ -129,6 +136,9 @@ class PruneConfig:
             raise ValueError(f"stats_dtype must be torch.float32 or torch.float64; got {self.stats_dtype}")
         if not self.ridge >= 0:
             raise ValueError(f"ridge must be >= 0; got {self.ridge}")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0 or \
+                self.holdout == 1:
+            raise ValueError(f"holdout must be 0 (none) or an int >= 2 (every n-th image held out); got {self.holdout!r}")
 
     def backend_for(self, supported: tuple[str, ...]) -> str:
         """The backend an op implementing ``supported`` should be asked for."""
@@ -140,7 +150,7 @@ class PruneConfig:
     def fingerprint(self) -> dict:
         """The options that decide the result (a resumed run must match them)."""
         keys = ("keep", "method", "statistics", "reconstruction", "bias_compensation", "schedule",
-                "num_images", "samples_per_image", "seed", "units", "preset", "ridge", "flops_target", "min_keep")
+                "num_images", "samples_per_image", "seed", "units", "preset", "ridge", "flops_target", "min_keep", "holdout")
         out = {k: getattr(self, k) for k in keys}
         out["keep"] = dict(self.keep) if isinstance(self.keep, Mapping) else self.keep
         out["stats_dtype"] = str(self.stats_dtype)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -23,13 +24,15 @@ class Decision:
     method: str
     statistics: str
     reconstruction: str
-    error_selected: float                    # relative error of the kept set, w = 1
-    error_reconstructed: float               # relative error after reconstruction
+    error_selected: float                    # relative error of the kept set, w = 1 (in sample)
+    error_reconstructed: float               # after reconstruction: on held-out images when there are any
     error_curve: torch.Tensor | None = None  # E(n)/E(all removed), n = 1..C-1 (thinet only)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     selection_backend: str = "torch"
     statistics_backend: str = "torch"
+    heldout_images: int = 0                  # images behind error_reconstructed (0: it is in sample)
+    ridge: float | None = None               # the relative ridge of the reconstruction's solve
 
     def record(self) -> dict:
         u = self.unit
@@ -39,6 +42,7 @@ class Decision:
             "error_selected": self.error_selected, "error_reconstructed": self.error_reconstructed,
             "seconds": self.seconds, "notes": list(self.notes),
             "statistics_backend": self.statistics_backend, "selection_backend": self.selection_backend,
+            "heldout_images": self.heldout_images, "ridge": self.ridge,
         }
 
 
@@ -109,19 +113,11 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
     if recon == "full" and stats.cov is None:
         recon = "scale"
         notes.append(f"full refit needs the patch covariance, too large here (C·t = {unit.channels * unit.taps}); used scale")
-    err_sel = float(reconstruct.scale_error(stats.gram, keep))
-    if recon == "none":
-        Wn = W[:, keep_dev].double()
-        err_rec = err_sel
-    elif recon == "scale":
-        w = reconstruct.ls_scale(stats.gram, keep, ridge=ridge)
-        Wn = W[:, keep_dev].double() * w.to(W.device)[None, :, None]
-        err_rec = float(reconstruct.scale_error(stats.gram, keep, w))
-    else:
-        mean = stats.mean if bias_compensation else None
-        count = stats.patch_count if bias_compensation else None
-        Wn = reconstruct.refit_full(W, stats.cov, keep, mean=mean, count=count, ridge=ridge).to(W.device)
-        err_rec = float(reconstruct.refit_error(W, Wn, keep, stats.cov, mean, count))
+    held = stats.heldout
+    # on the held-out fold when there is one, like error_reconstructed
+    err_sel = float(reconstruct.scale_error(held.gram if held is not None and held.images else stats.gram, keep))
+    Wn, err_rec, recon, used_ridge, held = _reconstruct(unit, stats, W, keep_dev, recon, bias_compensation, ridge,
+                                                        err_sel, notes)
     bias = consumer.bias.detach() if consumer.bias is not None else None
     if bias_compensation:
         bias = reconstruct.bias_compensation(W, Wn, keep, stats.mean.to(W.device), bias)
@@ -134,4 +130,58 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
     new_b = bias.to(dtype) if bias is not None else None
     return Decision(unit, keep.cpu(), new_w, new_b, method, stats.mode, recon, err_sel, err_rec,
                     curve.cpu() if curve is not None else None, time.perf_counter() - t0, notes,
-                    selection_backend(method, backend, stats.gram.device), stats.backend)
+                    selection_backend(method, backend, stats.gram.device), stats.backend, held, used_ridge)
+
+
+def _warn(unit: Unit, notes: list, message: str) -> None:
+    notes.append(message)
+    warnings.warn(f"{unit.consumer!r}: {message}", stacklevel=4)
+
+
+def _reconstruct(unit: Unit, stats: Statistics, W: torch.Tensor, keep: torch.Tensor, recon: str,
+                 bias_compensation: bool, ridge: float, err_sel: float, notes: list):
+    """(new weight (K, |S|, t) float64, its error, the reconstruction used, ridge, held-out images).
+
+    With a held-out fold (DESIGN §5) the ridge is chosen on it, the error is the fold's,
+    and a full refit that does not beat the scale fit there falls back to scale."""
+    G, held = stats.gram, stats.heldout
+    held = held if held is not None and held.images and held.count < stats.count else None
+    n_held = held.images if held is not None else 0
+    ridges = tuple(r for r in reconstruct.RIDGES if r > ridge) + (ridge,)
+    if recon == "none":
+        return W[:, keep].double(), err_sel, recon, None, n_held
+    unknowns = keep.numel() * (unit.taps if recon == "full" else 1) + (recon == "full" and bias_compensation)
+    samples = stats.patch_count if recon == "full" else stats.count
+    if samples < unknowns:
+        _warn(unit, notes, f"{samples} calibration samples for {unknowns} unknowns per output "
+                           f"({recon} reconstruction)" + (": the ridge is chosen on held-out images"
+                           if held is not None else ", and no held-out images to choose a ridge on")
+                           + "; give more images or samples_per_image for a better fit")
+    G_fit = (G - held.gram.to(G.device)) if held is not None else G
+    r_scale = ridge
+    if held is not None:
+        r_scale, err_scale = reconstruct.choose_scale_ridge(G_fit, held.gram.to(G.device), keep, ridges)
+    scaled = lambda w: W[:, keep].double() * w.to(W.device)[None, :, None]  # noqa: E731
+    if recon == "scale":
+        w = reconstruct.ls_scale(G, keep, ridge=r_scale)
+        err = err_scale if held is not None else float(reconstruct.scale_error(G, keep, w))
+        return scaled(w), err, recon, r_scale, n_held
+    mean = stats.mean if bias_compensation else None
+    count = stats.patch_count if bias_compensation else None
+    Z = held.patches if held is not None else None
+    if Z is None or not 0 < Z.shape[0] < stats.patch_count:
+        Wn = reconstruct.refit_full(W, stats.cov, keep, mean=mean, count=count, ridge=ridge).to(W.device)
+        return Wn, float(reconstruct.refit_error(W, Wn, keep, stats.cov, mean, count)), recon, ridge, 0
+    Wn, r_full, err_full = reconstruct.refit_full_cv(
+        W, stats.cov, keep, Z, count=stats.patch_count,
+        patch_sum=stats.patch_sum if bias_compensation else None, ridges=ridges)
+    # the scale fit, scored the same way on the same held-out patches
+    mu_fit = ((stats.patch_sum.reshape(-1).double() - Z.double().sum(0).to(stats.patch_sum.device))
+              / (stats.patch_count - Z.shape[0])) if bias_compensation else None
+    w_fit = reconstruct.ls_scale(G_fit, keep, ridge=r_scale)
+    err_scale = float(reconstruct.heldout_error(W, scaled(w_fit), keep, Z, mu_fit))
+    if err_scale <= err_full:
+        notes.append(f"full refit scored {err_full:.3g} on held-out images against {err_scale:.3g} for scale; "
+                     "used scale")
+        return scaled(reconstruct.ls_scale(G, keep, ridge=r_scale)), err_scale, "scale", r_scale, n_held
+    return Wn.to(W.device), err_full, recon, r_full, n_held
