@@ -64,22 +64,26 @@ def forward_seconds(model: torch.nn.Module, batches) -> float:
     return time.perf_counter() - t0
 
 
-def run(name: str, progress: bool = False) -> dict:
+def run(name: str, progress: bool = False, keep_model: bool = False) -> dict:
     model, batches, opts = workload(name)
     forward_seconds(model, batches[:1])  # warm-up (allocator, oneDNN primitives)
     fwd = forward_seconds(model, batches)
     t0 = time.perf_counter()
     res = tf.prune(model, batches, progress=progress, **opts)
     prune_s = time.perf_counter() - t0
-    return {
+    out = {
         "workload": name, "forward_s": fwd, "prune_s": prune_s, "ratio": prune_s / fwd,
         "target": TARGETS[name], "timings": res.report.timings,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "units": [{k: u.get(k) for k in ("consumer", "kept", "reconstruction", "replay", "seconds")}
+        "units": [{k: u.get(k) for k in ("consumer", "channels", "kept", "reconstruction", "replay", "seconds",
+                                         "error_reconstructed", "heldout_images")}
                   for u in res.report.units],
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
     }
+    if keep_model:
+        out["model"] = res.model
+    return out
 
 
 def describe(r: dict) -> str:

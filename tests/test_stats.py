@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from thinet_fast.ops.gram import (
-    direct_gram, direct_gram_ref, gram_from_cov, gram_from_cov_ref, patch_moments, patch_moments_ref,
+    direct_gram, direct_gram_ref, gram_from_cov, gram_from_cov_ref, gram_from_covs, gram_from_covs_ref,
+    patch_moments, patch_moments_ref,
     sampled_gram, sampled_gram_ref,
 )
 from thinet_fast.ops.patches import ConsumerGeometry, gather_patches, gather_patches_ref, sample_locations
@@ -546,3 +547,15 @@ def test_bad_inputs_raise_with_the_argument_named():
         with pytest.raises(exc, match=pattern) as info:
             call()
         print(f"case {j}: {exc.__name__}: {info.value}")
+
+
+def test_gram_from_covs_matches_its_reference():
+    gen = torch.Generator().manual_seed(21)
+    kernel = torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64)
+    Zs = [torch.relu(torch.randn(n, 36, generator=gen, dtype=torch.float64)) for n in (7, 30)]
+    Ps = [Z.T @ Z for Z in Zs]
+    got, want = gram_from_covs(kernel, Ps, backend="torch"), gram_from_covs_ref(kernel, Ps)
+    errs = [rel(g, w) for g, w in zip(got, want)]
+    print("gram_from_covs errors", errs)
+    assert len(got) == 2 and max(errs) < 1e-12
+    assert gram_from_covs(kernel, []) == []

@@ -18,7 +18,7 @@ from .patches import ConsumerGeometry, contributions, gather_patches, gather_pat
 
 __all__ = [
     "sampled_gram", "sampled_gram_ref", "patch_moments", "patch_moments_ref",
-    "gram_from_cov", "gram_from_cov_ref", "direct_gram", "direct_gram_ref",
+    "gram_from_cov", "gram_from_cov_ref", "gram_from_covs", "gram_from_covs_ref", "direct_gram", "direct_gram_ref",
 ]
 
 _CHUNK_ELEMS = 1 << 24  # bound on the elements one chunk of patches or contributions may hold
@@ -101,6 +101,25 @@ def gram_from_cov(kernel, P, *, backend: str = "auto") -> torch.Tensor:
     t = Wf.shape[1] // C
     A = Wf.T @ Wf
     return (A * P).reshape(C, t, C, t).sum(dim=(1, 3))
+
+
+def gram_from_covs(kernel, Ps, *, backend: str = "auto") -> list[torch.Tensor]:
+    """:func:`gram_from_cov` for several P with the same kernel (the torch path forms
+    WᵀW once)."""
+    if not Ps:
+        return []
+    name = dispatch.choose(backend, Ps[0].device, _TRITON_FIRST, "gram_from_cov")
+    if name == "triton" and all(P.dtype == torch.float32 for P in Ps):
+        return [_triton("gram_from_cov_triton")(kernel, P) for P in Ps]
+    K, C = kernel.shape[0], kernel.shape[1]
+    Wf = kernel.reshape(K, -1).to(Ps[0].dtype)
+    t = Wf.shape[1] // C
+    A = Wf.T @ Wf
+    return [(A * P).reshape(C, t, C, t).sum(dim=(1, 3)) for P in Ps]
+
+
+def gram_from_covs_ref(kernel, Ps) -> list[torch.Tensor]:
+    return [gram_from_cov_ref(kernel, P) for P in Ps]
 
 
 def gram_from_cov_ref(kernel, P) -> torch.Tensor:

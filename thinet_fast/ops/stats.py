@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import dispatch
-from .gram import direct_gram, gram_from_cov, patch_moments, patch_sum, sampled_gram
+from .gram import direct_gram, gram_from_covs, patch_moments, patch_sum, sampled_gram
 from .patches import ConsumerGeometry, gather_patches, sample_locations
 
 __all__ = ["Statistics", "HeldOut", "StatsAccumulator", "choose_mode", "MODES", "HOLDOUT_EVERY"]
@@ -155,7 +155,11 @@ class StatsAccumulator:
         if self.holdout_max is None:
             self.holdout_max = max(256, _HELD_BYTES // (C * t * torch.finfo(self.dtype).bits // 8))
         if self.keeps_cov:
-            self._state["cov"] = torch.zeros(C * t, C * t, dtype=self.dtype, device=dev)
+            # P is deferred: the patches are buffered (one gather feeds P, the first moment
+            # and the held-out fold) and turned into P = ZᵀZ in large products, once they
+            # would outgrow it or at result(); few samples never hold a (C·t)² matrix
+            self._state["cov"] = None
+            self._state["cov_rows"] = []
         requested = self.backend
         self.backend = dispatch.choose(requested, dev, STATS_BACKENDS, "statistics")
         if self.backend == "triton" and (self.dtype != torch.float32 or self.mode == "direct"):
@@ -217,17 +221,37 @@ class StatsAccumulator:
                 st["held_count"] += held[0].numel() * (self.kernel.shape[0] if R is None else R)
         if held:
             st["held_samples"] += held[0].numel()
-            if self.keeps_cov:
+        if self.keeps_cov and self.backend == "torch":
+            Z = gather_patches(x, self.geometry, img, oy, ox).reshape(S, -1).to(self.dtype)
+            zsum = Z.sum(0)
+            if held:
+                st["held_patches"].append(Z[hs.to(Z.device)])
+            st["cov_rows"].append(Z)
+            if sum(z.shape[0] for z in st["cov_rows"]) >= Z.shape[1] // 2:
+                self._fold_rows()
+        elif self.keeps_cov:
+            if held:
                 z = gather_patches(x, self.geometry, *held).reshape(held[0].numel(), -1).to(self.dtype)
                 st["held_patches"].append(z)
-        if self.keeps_cov:
             P, zsum = patch_moments(x, self.geometry, img, oy, ox, acc_dtype=self.dtype, backend=self.backend)
-            st["cov"] += P
+            st["cov"] = P if st["cov"] is None else st["cov"].add_(P)
         else:  # the first moment of the sampled patches, for bias compensation
             zsum = patch_sum(x, self.geometry, img, oy, ox, acc_dtype=self.dtype)
         st["patch_sum"] += zsum
         st["patch_count"] += S
         self.images_seen += N
+
+    def _fold_rows(self) -> torch.Tensor:
+        """P with the buffered patches added (P += ZᵀZ in one product)."""
+        st = self._state
+        D = self.channels * self.geometry.taps
+        if st["cov"] is None:
+            st["cov"] = torch.zeros(D, D, dtype=self.dtype, device=self.kernel.device)
+        if st["cov_rows"]:
+            Z = torch.cat(st["cov_rows"]) if len(st["cov_rows"]) > 1 else st["cov_rows"][0]
+            st["cov"].addmm_(Z.T, Z)
+            st["cov_rows"] = []
+        return st["cov"]
 
     def _held_images(self, n: int, per_image: int) -> torch.Tensor:
         """(n,) bool: which images of this batch join the held-out fold."""
@@ -251,7 +275,7 @@ class StatsAccumulator:
                               dtype=torch.float64, device=st["gram"].device)
         out = [st["gram"], st["patch_sum"], st["zeros"], counts, st["held_gram"]]
         if self.keeps_cov:
-            out.append(st["cov"])
+            out.append(self._fold_rows())
         return out
 
     def load_tensors(self, tensors: list[torch.Tensor]) -> None:
@@ -286,6 +310,9 @@ class StatsAccumulator:
     def merge(self, other: "StatsAccumulator") -> "StatsAccumulator":
         """Add ``other``'s statistics into this accumulator (in place)."""
         self._check_compatible(other)
+        if self.keeps_cov:
+            self._fold_rows()
+            other._fold_rows()
         a, b = self._state, other._state
         for key in a:
             a[key] = a[key] + (b[key].to(a[key].device) if isinstance(b[key], torch.Tensor) else b[key])
@@ -298,21 +325,27 @@ class StatsAccumulator:
                                self.count_zeros, self.holdout_every, self.holdout_max)
         return out.merge(self).merge(other)
 
-    def result(self) -> Statistics:
-        """A snapshot: later ``update()`` calls do not change it."""
+    def result(self, *, release: bool = False) -> Statistics:
+        """A snapshot: later ``update()`` calls do not change it. ``release=True`` hands
+        over the buffers instead of copying them; the accumulator is then spent."""
         st = self._state
         C, t = self.channels, self.geometry.taps
-        cov = st["cov"].clone() if "cov" in st else None
-        gram = gram_from_cov(self.kernel, cov, backend=self.backend) if self.mode == "full" else st["gram"].clone()
+        own = (lambda v: v) if release else (lambda v: v.clone())  # noqa: E731
+        cov = own(self._fold_rows()) if self.keeps_cov else None
         heldout = None
+        Z = self.held_patches() if self.keeps_cov and st["held_images"] else None
+        if self.mode == "full":
+            covs = [cov] + ([Z.T @ Z] if Z is not None else [])
+            grams = gram_from_covs(self.kernel, covs, backend=self.backend)  # one WᵀW for both
+            gram, held_gram = grams[0], grams[-1]
+        else:
+            gram, held_gram = own(st["gram"]), own(st["held_gram"])
         if st["held_images"]:
-            Z = self.held_patches().clone() if self.keeps_cov else None
-            held_gram = st["held_gram"].clone()
-            if self.mode == "full":
-                held_gram = gram_from_cov(self.kernel, Z.T @ Z, backend=self.backend)
-            heldout = HeldOut(held_gram, st["held_count"], st["held_images"], Z)
+            heldout = HeldOut(held_gram, st["held_count"], st["held_images"], None if Z is None else own(Z))
         return Statistics(
             mode=self.mode, gram=gram, count=st["count"], patch_count=st["patch_count"],
             patch_sum=st["patch_sum"].reshape(C, t).clone(), zeros=st["zeros"].clone(), elements=st["elements"],
             cov=cov, backend=self.backend, heldout=heldout,
         )
+        if release:
+            self._state = None

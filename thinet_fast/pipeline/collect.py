@@ -218,7 +218,7 @@ def collect_units(model: nn.Module, units: list[Unit], batches: Iterable[torch.T
     if timer is None:
         feed(model, sinks, batches, forward=forward, stop_early=stop_early, bar=bar, names=names)
         reduce_accumulators(list(accs.values()))
-        return {p: acc.result() for p, acc in accs.items()}
+        return {p: acc.result(release=True) for p, acc in accs.items()}
     hooks_before = timer.seconds["statistics"]
     t0 = time.perf_counter()
     feed(model, sinks, batches, forward=forward, stop_early=stop_early, bar=bar, names=names)
@@ -226,7 +226,7 @@ def collect_units(model: nn.Module, units: list[Unit], batches: Iterable[torch.T
     timer.add("forward", time.perf_counter() - t0 - (timer.seconds["statistics"] - hooks_before))
     with timer.phase("statistics"):
         reduce_accumulators(list(accs.values()))
-        return {p: acc.result() for p, acc in accs.items()}
+        return {p: acc.result(release=True) for p, acc in accs.items()}
 
 
 def collect_statistics(model: nn.Module, units: list[Unit], data, spec: StatsSpec | None = None, *,
