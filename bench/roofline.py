@@ -52,6 +52,16 @@ Counting conventions and assumptions (honest, and deliberately simple):
   ``--keep`` (the model is really pruned on the meta device with
   ``thinet_fast.prune_unit_`` and re-traced). **One-shot**: one forward, stopped at the
   last consumer.
+* **Sequential by activation replay** (what ``schedule="sequential"`` runs): the
+  planner of ``thinet_fast.pipeline.replay`` is followed unit by unit on the meta
+  model: each unit's pass runs only the graph segment from the cached cut point to its
+  consumer (``thinet_fast.segments.Segments``, recorded op by op like the forward), on
+  the model with earlier units pruned; the activations it captures (the consumer's
+  input, cut to the kept channels, or the last cut point before the producer) become
+  the next cache if they fit ``--replay-memory`` GB (default 64, half a 128 GB host),
+  else the next unit starts from the images again. The cache is assumed to live on the
+  host: every replayed pass uploads it over the host link (a cache on the GPU would
+  remove that; the real budget tries the GPU first).
 * **Input upload** (a'): fp32 images, 3x224x224, over the host link once per forward
   pass (decoding JPEGs on the CPU is not counted; caching the decoded images on the
   GPU as uint8, 1.5 GB, would remove it).
@@ -119,6 +129,7 @@ from thinet_fast.counting import profile
 from thinet_fast.ops.stats import choose_mode
 from thinet_fast.pipeline.config import n_keep_for
 from thinet_fast.rewrite import prune_unit_
+from thinet_fast.segments import Segments
 from thinet_fast.units import Unit, find_units
 
 __all__ = [
@@ -126,7 +137,7 @@ __all__ = [
     "OpCount", "ForwardTrace", "trace_forward", "forward_costs", "floor_sum",
     "consumer_out_hw", "sample_counts", "sampled_gram_cost", "full_costs", "direct_cost",
     "zero_count_cost", "statistics_costs", "greedy_cost", "pad_batch_cost", "ls_scale_cost",
-    "forward_ls_cost", "build_model", "analyse", "main",
+    "forward_ls_cost", "build_model", "replay_passes", "analyse", "main",
 ]
 
 STEP_LATENCY = 1e-6  # s per dependent greedy step (assumption, see the docstring)
@@ -435,13 +446,67 @@ def _summary(costs: Sequence[Cost]) -> dict:
     }
 
 
-def _upload(passes: int, s: Sampling) -> dict:
-    b = passes * s.input_bytes
+def _upload(passes: int, s: Sampling, nbytes: Optional[float] = None) -> dict:
+    b = passes * s.input_bytes if nbytes is None else nbytes
     return {"passes": passes, "bytes": b, "floor_s": {d.name: {"fp32": b / d.host_link, "tc": b / d.host_link}
                                                         for d in DEVICES}}
 
 
-def analyse(name: str, s: Sampling = Sampling(), keep: float = 0.5) -> dict:
+def _value_at(model: nn.Module, seg: Segments, pos: int, batch: int, image_shape):
+    x = torch.empty(batch, *image_shape, device="meta")
+    return x if pos == seg.input else seg.run(model, seg.input, x, capture=pos, stop=pos)
+
+
+def _segment_ops(model: nn.Module, seg: Segments, start: int, stop: int, image_shape) -> list[OpCount]:
+    """The ops of one segment (cut point ``start`` up to node ``stop``), per image and
+    per call, split as in :func:`trace_forward` (batch 1 and batch 2)."""
+    recs = []
+    with torch.no_grad():
+        for batch in (1, 2):
+            v = _value_at(model, seg, start, batch, image_shape)
+            rec = _Recorder()
+            with rec:
+                seg.run(model, start, v, stop=stop)
+            recs.append(rec.ops)
+    if [o[0] for o in recs[0]] != [o[0] for o in recs[1]]:
+        raise RuntimeError("a segment ran different ops at batch 1 and batch 2")
+    return [OpCount(n, f1, mm, b2 - b1, b1 - (b2 - b1)) for (n, f1, mm, b1), (_, _, _, b2) in zip(*recs)]
+
+
+def replay_passes(model: nn.Module, units: Sequence[Unit], s: Sampling, keep: float,
+                  memory_bytes: float) -> list[dict]:
+    """Follow ``Replay.plan``/``commit`` on a copy of the meta ``model``: per unit, where
+    its pass starts, its forward costs, the bytes it uploads and whether it cached."""
+    pruned = copy.deepcopy(model)
+    seg = Segments(pruned)
+    cache = None  # (position, bytes over all images)
+    out = []
+    for u in units:
+        target = seg.input_of(u.consumer)
+        start = cache[0] if cache is not None and cache[0] <= target else seg.input
+        start_bytes = cache[1] if start != seg.input else s.input_bytes
+        if seg.is_cut(target):
+            capture = target
+        else:
+            capture = seg.latest_cut(seg.call(u.producer))
+            if capture < start:
+                capture = start if start < seg.call(u.producer) else None
+        ops = _segment_ops(pruned, seg, start, target, s.image_shape)
+        costs = forward_costs(ForwardTrace(ops), None, s, "replay")
+        prune_unit_(pruned, u, torch.arange(n_keep_for(u.channels, keep)))
+        cached = None
+        if capture is not None:
+            with torch.no_grad():
+                v = _value_at(pruned, seg, capture, 1, s.image_shape)
+            cached = v.numel() * s.act_bytes * s.images
+        cache = (capture, cached) if cached is not None and cached <= memory_bytes else None
+        out.append({"consumer": u.consumer, "start": seg.name(start), "upload_bytes": start_bytes,
+                    "cached": seg.name(capture) if cache is not None else None,
+                    "cache_bytes": cached, "_costs": costs})
+    return out
+
+
+def analyse(name: str, s: Sampling = Sampling(), keep: float = 0.5, replay_memory_gb: float = 64.0) -> dict:
     """All counts for one torchvision model (see the module docstring)."""
     model = build_model(name)
     example = torch.empty(1, *s.image_shape)
@@ -461,6 +526,8 @@ def analyse(name: str, s: Sampling = Sampling(), keep: float = 0.5) -> dict:
         tr = trace_forward(pruned, [u.consumer], s.image_shape)
         seq_pruned.append(forward_costs(tr, tr.consumer_at[u.consumer], s, "forward"))
         prune_unit_(pruned, u, torch.arange(n_keep_for(u.channels, keep)))
+
+    replay = replay_passes(model, units, s, keep, replay_memory_gb * 1e9)
 
     rows = []
     for i, u in enumerate(units):
@@ -506,11 +573,15 @@ def analyse(name: str, s: Sampling = Sampling(), keep: float = 0.5) -> dict:
         "selection_oneshot": _summary(oneshot_sel),
         "selection_sequential": _summary(seq_sel),
         "forward_ls_sequential": _summary([forward_ls_cost(u.channels, n_keep_for(u.channels, keep)) for u in units]),
+        "forward_replay": _summary([c for p in replay for c in p["_costs"]]),
+        "upload_replay": _upload(len(units), s, sum(p["upload_bytes"] for p in replay)),
     }
     for sched, parts in (("sequential", ("forward_sequential_pruned", "upload_sequential", "statistics_auto",
                                          "selection_sequential")),
                          ("sequential_unpruned_prefixes", ("forward_sequential_unpruned", "upload_sequential",
                                                            "statistics_auto", "selection_sequential")),
+                         ("sequential_replay", ("forward_replay", "upload_replay", "statistics_auto",
+                                                "selection_sequential")),
                          ("oneshot", ("forward_oneshot", "upload_oneshot", "statistics_auto", "selection_oneshot"))):
         totals[f"total_{sched}"] = {"parts": list(parts), "floor_s": {
             d.name: {k: sum(totals[p]["floor_s"][d.name][k] for p in parts) for k in ("fp32", "tc")}
@@ -518,7 +589,10 @@ def analyse(name: str, s: Sampling = Sampling(), keep: float = 0.5) -> dict:
     for r in rows:
         for k in ("_st", "_st_sampled", "_sel", "_fwd"):
             del r[k]
+    for p in replay:
+        p["forward"] = _summary(p.pop("_costs"))
     return {
+        "replay": replay, "replay_memory_gb": replay_memory_gb,
         "model": name, "units": rows, "refused": len(plan.refused), "totals": totals,
         "flops_per_image": prof.flops, "params": prof.params,
         "sampling": asdict(s), "keep": keep,
@@ -573,6 +647,8 @@ def render(res: dict) -> str:
         (f"(a) forward, sequential, earlier units cut to keep {res['keep']}", "forward_sequential_pruned"),
         ("(a') input upload, one-shot (1 pass)", "upload_oneshot"),
         (f"(a') input upload, sequential ({len(res['units'])} passes)", "upload_sequential"),
+        (f"(a) forward, sequential by replay (segments, cache <= {res['replay_memory_gb']:g} GB)", "forward_replay"),
+        ("(a') upload, sequential by replay (images or the cache, per pass)", "upload_replay"),
         ("(b) statistics, auto modes (both schedules)", "statistics_auto"),
         ("(b) statistics, if all 'sampled' (paper)", "statistics_sampled"),
         ("(c) selection, one-shot (1 batched greedy + ls_scale)", "selection_oneshot"),
@@ -585,13 +661,21 @@ def render(res: dict) -> str:
         fl = t.get("flops")
         trows.append((label, "-" if fl is None else f"{fl / 1e12:,.2f}", f"{t['bytes'] / 1e9:,.1f}",
                       _s(t["floor_s"][h]["fp32"]), _s(t["floor_s"][h]["tc"]), _s(t["floor_s"][m]["fp32"])))
-    for label, key in (("TOTAL sequential (a pruned + a' + b + c)", "total_sequential"),
+    for label, key in (("TOTAL sequential by replay (what schedule='sequential' runs)", "total_sequential_replay"),
+                       ("TOTAL sequential re-run from the images (a pruned + a' + b + c)", "total_sequential"),
                        ("TOTAL sequential, unpruned prefixes", "total_sequential_unpruned_prefixes"),
                        ("TOTAL one-shot (a + a' + b + c)", "total_oneshot")):
         f = T[key]["floor_s"]
         trows.append((label, "", "", _s(f[h]["fp32"]), _s(f[h]["tc"]),
                       f"{_s(f[m]['fp32'])} ({f[m]['fp32'] / 60:.1f} min)"))
     out += [_table(("part", "TFLOP", "GB", "H100 s fp32", "H100 s TC", "M40 s"), trows)]
+    prow = [(p["consumer"], p["start"], p["cached"] or "-",
+             "-" if p["cache_bytes"] is None else f"{p['cache_bytes'] / 1e9:,.1f}",
+             f"{p['forward']['flops'] / 1e12:,.2f}", _s(p["forward"]["floor_s"][m]["fp32"]))
+            for p in res["replay"]]
+    out += ["", "Sequential by replay, per unit: where its pass starts, what it leaves cached (its size; '-' = "
+            "none, or over the budget, so the next pass starts from the images).", "",
+            _table(("consumer", "pass starts at", "caches", "cache GB", "fwd TFLOP", "fwd M40 s"), prow)]
     return "\n".join(out)
 
 
@@ -606,13 +690,17 @@ def verdict(results: Sequence[dict], efficiency: tuple[float, float] = (0.4, 0.6
         sequ = T["total_sequential_unpruned_prefixes"]["floor_s"][M40.name]["fp32"]
         one = T["total_oneshot"]["floor_s"][M40.name]["fp32"]
         fwd_share = T["forward_sequential_pruned"]["floor_s"][M40.name]["fp32"] / seq
+        rep = T["total_sequential_replay"]["floor_s"][M40.name]["fp32"]
+        rep_h = T["total_sequential_replay"]["floor_s"][H100.name]["tc"]
         worst = sequ / lo
         lines.append(
             f"- {res['model']}: M40 floor {one / 60:.1f} min one-shot, {seq / 60:.1f} min sequential "
             f"({sequ / 60:.1f} min with unpruned prefixes); forward passes are {fwd_share:.0%} of the sequential "
             f"floor. At {lo:.0%}-{hi:.0%} of peak: {one / 60 / hi:.1f}-{one / 60 / lo:.1f} min one-shot, "
             f"{seq / 60 / hi:.1f}-{seq / 60 / lo:.1f} min sequential, at most {worst / 60:.0f} min with unpruned "
-            f"prefixes: {'minutes, yes' if worst < 3600 else 'NOT minutes'} (arithmetic only; nothing was timed on a GPU).")
+            f"prefixes: {'minutes, yes' if worst < 3600 else 'NOT minutes'}. Sequential by replay: M40 floor "
+            f"{rep / 60:.1f} min ({rep / one:.2f}x one-shot), H100 TC {rep_h:.1f} s "
+            f"(arithmetic only; nothing was timed on a GPU).")
     return "\n".join(lines)
 
 
@@ -624,6 +712,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     p.add_argument("--per-image", type=int, default=10)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--keep", type=float, default=0.5, help="keep fraction of every unit (sequential prefixes, ls_scale)")
+    p.add_argument("--replay-memory", type=float, default=64.0, help="GB the replay cache may hold")
     args = p.parse_args(argv)
     s = Sampling(images=args.images, per_image=args.per_image, batch=args.batch)
     print(f"Peaks: {H100.name}: fp32 {H100.fp32 / 1e12:.1f} TF, TF32-TC {H100.tensor / 1e12:.1f} TF, "
@@ -633,7 +722,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
           f"{STEP_LATENCY * 1e6:.0f} us (assumed).\n")
     results = []
     for name in args.models:
-        res = analyse(name, s, args.keep)
+        res = analyse(name, s, args.keep, args.replay_memory)
         results.append(res)
         print(render(res))
         print()

@@ -273,6 +273,10 @@ def test_analyse_vgg16_schedules_add_up():
         for k in ("fp32", "tc"):
             parts = T["total_oneshot"]["parts"]
             assert T["total_oneshot"]["floor_s"][d][k] == pytest.approx(sum(T[p]["floor_s"][d][k] for p in parts))
+    # replay runs each segment once, on the partly pruned model: below re-running from the images
+    assert T["forward_replay"]["flops"] < T["forward_sequential_pruned"]["flops"]
+    assert T["total_sequential_replay"]["floor_s"][R.M40.name]["fp32"] < T["total_sequential"]["floor_s"][R.M40.name]["fp32"]
+    assert [p["consumer"] for p in res["replay"]] == [u["consumer"] for u in units]
     m40 = T["total_sequential"]["floor_s"][R.M40.name]["fp32"]
     assert T["total_oneshot"]["floor_s"][R.M40.name]["fp32"] < m40
     # the M40 floor can't beat its fp32 peak on the forward flops
@@ -287,3 +291,27 @@ def test_main_prints_and_writes_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["results"][0]["model"] == "vgg16" and len(data["results"][0]["units"]) == 15
     assert math.isclose(data["step_latency_s"], R.STEP_LATENCY)
+
+
+def test_replay_passes_tiny_chain_by_hand():
+    """Replay on a 3-conv chain: unit 1 runs conv0 from the images, unit 2 only conv2 on
+    the cached, pruned relu output; past the memory budget it starts from the images."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(6, 2, 3, padding=1)).eval()
+    units = list(find_units(model, torch.empty(1, 3, 8, 8, device="meta")).units)
+    assert [(u.producer, u.consumer) for u in units] == [("0", "2"), ("2", "4")]
+    s = R.Sampling(images=10, batch=5, image_shape=(3, 8, 8))
+    hw = 64
+    passes = R.replay_passes(model, units, s, keep=0.5, memory_bytes=1e12)
+    flops = [sum(c.total_flops for c in p["_costs"]) for p in passes]
+    print(passes, flops)
+    assert passes[0]["start"] == "input" and passes[0]["upload_bytes"] == s.input_bytes
+    assert flops[0] == 10 * 2 * 4 * 3 * 9 * hw                 # conv0 in full
+    assert passes[0]["cache_bytes"] == 10 * 2 * hw * 4          # relu output, 2 of 4 channels kept
+    assert passes[1]["start"] == passes[0]["cached"] and passes[1]["upload_bytes"] == passes[0]["cache_bytes"]
+    assert flops[1] == 10 * 2 * 6 * 2 * 9 * hw                 # conv2 on the 2 kept input channels
+    tight = R.replay_passes(model, units, s, keep=0.5, memory_bytes=10 * 2 * hw * 4 - 1)
+    assert tight[0]["cached"] is None and tight[1]["start"] == "input"
+    # from the images: the pruned conv0 (3 -> 2) and conv2 (2 -> 6)
+    assert sum(c.total_flops for c in tight[1]["_costs"]) == 10 * (2 * 2 * 3 * 9 + 2 * 6 * 2 * 9) * hw
