@@ -18,7 +18,7 @@ from torch import nn
 import thinet_fast as tf
 from thinet_fast.ops.gram import gram_from_cov
 from thinet_fast.ops.patches import ConsumerGeometry
-from thinet_fast.ops.reconstruct import RIDGES, heldout_error, refit_full, refit_full_cv
+from thinet_fast.ops.reconstruct import RIDGES, heldout_error, refit_full, refit_full_cv, refit_full_dual
 from thinet_fast.ops.stats import StatsAccumulator
 
 
@@ -218,3 +218,24 @@ def test_holdout_zero_reports_in_sample():
     assert "* in sample" in res.report.table()
     res = tf.prune(model, x, keep=0.5, num_images=12, progress=False)
     assert res.report.units[0]["heldout_images"] == 2 and "* in sample" not in res.report.table()
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_refit_dual_equals_the_primal_fit(centred):
+    """Fewer samples (30) than unknowns (5 kept · 9 taps): the S×S path gives the
+    primal's ridge, error and weights."""
+    gen = torch.Generator().manual_seed(31 + centred)
+    K, C, t = 7, 10, 9
+    W = torch.randn(K, C, 3, 3, generator=gen, dtype=torch.float64)
+    mix = torch.randn(4, C * t, generator=gen, dtype=torch.float64)
+    Z = torch.relu(torch.randn(30, 4, generator=gen, dtype=torch.float64) @ mix
+                   + 0.5 * torch.randn(30, C * t, generator=gen, dtype=torch.float64))
+    held = torch.tensor([3, 8, 13, 18, 23, 28])
+    keep = [0, 1, 4, 6, 9]
+    fit_rows = torch.ones(30, dtype=torch.bool)
+    fit_rows[held] = False
+    Wd, rd, ed = refit_full_dual(W, Z, keep, held, centred=centred)
+    Wp, rp, ep = refit_full_cv(W, Z.T @ Z, keep, Z[held], count=30, patch_sum=Z.sum(0) if centred else None)
+    print(f"dual ridge {rd} err {ed:.6g}; primal ridge {rp} err {ep:.6g}; weights {(Wd - Wp).abs().max():.2e}")
+    assert rd == rp and abs(ed - ep) <= 1e-8 * max(ep, 1e-12)
+    assert torch.allclose(Wd, Wp, rtol=1e-7, atol=1e-9 * float(Wp.abs().max()))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["ls_scale", "refit_full", "bias_compensation", "scale_error", "refit_error", "heldout_error",
-           "choose_scale_ridge", "refit_full_cv", "DEFAULT_RIDGE", "RIDGES"]
+           "choose_scale_ridge", "refit_full_cv", "refit_full_dual", "DEFAULT_RIDGE", "RIDGES"]
 
 DEFAULT_RIDGE = 1e-8
 # relative ridges tried on the held-out fold, strongest first; inf keeps the unpruned
@@ -265,3 +265,75 @@ def refit_full_cv(kernel: torch.Tensor, cov: torch.Tensor, keep, patches: torch.
             break  # past the minimum: the held-out error is unimodal in log ridge in practice
     Wn = _ridge_solve(A_all, rhs_all, best[0], prior=prior).T
     return Wn.reshape(K, S.numel(), t), best[0], best[1]
+
+
+def refit_full_dual(kernel: torch.Tensor, patches: torch.Tensor, keep, held: torch.Tensor, *,
+                    centred: bool = False, ridges=RIDGES):
+    """:func:`refit_full_cv` from the patches themselves (S, C·t), for S below the unknowns.
+
+    Same fits, same ridge, same result (the push-through identity
+    ``(ZᵀZ + cI)⁻¹ Zᵀ = Zᵀ (ZZᵀ + cI)⁻¹``), but each solve is S×S instead of
+    |S|t×|S|t, and one eigendecomposition of the fit fold's S×S kernel scores every
+    ridge. ``held`` indexes the held-out rows of ``patches``; ``centred`` centres each
+    fold on its own mean (bias compensation).
+
+    Returns (new weight (K, |S|, t) float64, ridge, held-out error of the fold's fit).
+    """
+    K, C = kernel.shape[0], kernel.shape[1]
+    W = kernel.reshape(K, C, -1).double()
+    t = W.shape[2]
+    Z = patches.to(kernel.device).double()
+    if Z.dim() != 2 or Z.shape[1] != C * t:
+        raise ValueError(f"patches has shape {tuple(Z.shape)}; expected (S, {C * t}) for C={C}, t={t}")
+    if not torch.isfinite(Z.sum()):
+        raise ValueError("patches contain NaN or Inf; check the statistics (a diverged model or an fp16 overflow)")
+    S = _keep_index(keep, C, kernel.device)
+    taps = (S[:, None] * t + torch.arange(t, device=S.device)).reshape(-1)
+    fit = torch.ones(Z.shape[0], dtype=torch.bool, device=Z.device)
+    fit[held.to(Z.device)] = False
+    if not 0 < int(fit.sum()) < Z.shape[0]:
+        raise ValueError(f"need both fit and held-out rows; got {int(fit.sum())} fit rows of {Z.shape[0]}")
+    Wf = W.reshape(K, C * t)
+    P0 = Wf[:, taps].T                                   # (d, K) the prior: the unpruned weights
+    Zf, Zh = Z[fit], Z[~fit]
+    if centred:
+        mu = Zf.mean(0)
+        Zf, Zh = Zf - mu, Zh - mu
+    ZfS, ZhS = Zf[:, taps], Zh[:, taps]
+    Rf = Zf @ Wf.T - ZfS @ P0                            # (n, K) what the prior leaves unexplained
+    old = Zh @ Wf.T
+    base = ZhS @ P0
+    energy = old.square().sum().clamp_min(torch.finfo(torch.float64).tiny)
+    evals, U = torch.linalg.eigh(ZfS @ ZfS.T)
+    evals = evals.clamp_min(0)
+    Q, H = U.T @ Rf, (ZhS @ ZfS.T) @ U
+    scale = float(ZfS.square().sum()) / ZfS.shape[1]     # c = ridge · mean diag(ZᵀZ)
+    best = (ridges[-1], float("inf"))
+    for r in ridges:
+        if r == float("inf"):
+            pred = base
+        else:
+            c = r * scale if r * scale > 0 else 1e-12
+            pred = base + H @ (Q / (evals + c)[:, None])
+        err = float((old - pred).square().sum() / energy)
+        if err < best[1]:
+            best = (r, err)
+        elif best[1] < float("inf"):
+            break  # past the minimum, as in refit_full_cv
+    r = best[0]
+    if r == float("inf"):
+        return P0.T.reshape(K, S.numel(), t).clone(), r, best[1]
+    Za = Z - Z.mean(0) if centred else Z
+    ZaS = Za[:, taps]
+    Ra = Za @ Wf.T - ZaS @ P0
+    c = r * float(ZaS.square().sum()) / ZaS.shape[1]
+    Ka = ZaS @ ZaS.T
+    Ka.diagonal().add_(c if c > 0 else 1e-12)
+    L, info = torch.linalg.cholesky_ex(Ka)
+    if int(info) == 0:
+        coef = torch.cholesky_solve(Ra, L)
+    else:  # a numerically singular kernel at a tiny ridge: eigh of the S×S matrix is cheap
+        e, V = torch.linalg.eigh(Ka)
+        coef = V @ ((V.T @ Ra) / e.clamp_min(torch.finfo(torch.float64).eps * float(e.max().clamp_min(1)))[:, None])
+    X = P0 + ZaS.T @ coef
+    return torch.nan_to_num(X.T, nan=0.0, posinf=0.0, neginf=0.0).reshape(K, S.numel(), t), r, best[1]

@@ -50,6 +50,7 @@ class HeldOut:
     count: int                         # rows of X that built it
     images: int
     patches: torch.Tensor | None = None  # (m, C·t) the held-out patches, where P is kept
+    rows: torch.Tensor | None = None     # their rows in Statistics.patches, when that is kept
 
     @property
     def samples(self) -> int:
@@ -70,6 +71,7 @@ class Statistics:
     cov: torch.Tensor | None = None    # (C·t, C·t) Σ vec(z) vec(z)ᵀ, full mode only
     backend: str = "torch"
     heldout: HeldOut | None = None     # part of the totals above, also kept apart
+    patches: torch.Tensor | None = None  # (S, C·t) every sampled patch, while fewer than C·t/2
 
     @property
     def channels(self) -> int:
@@ -160,6 +162,8 @@ class StatsAccumulator:
             # would outgrow it or at result(); few samples never hold a (C·t)² matrix
             self._state["cov"] = None
             self._state["cov_rows"] = []
+            self._state["cov_held"] = []   # which buffered rows are held out
+            self._state["folded"] = False  # True once P holds rows: then not every patch is kept
         requested = self.backend
         self.backend = dispatch.choose(requested, dev, STATS_BACKENDS, "statistics")
         if self.backend == "triton" and (self.dtype != torch.float32 or self.mode == "direct"):
@@ -227,6 +231,7 @@ class StatsAccumulator:
             if held:
                 st["held_patches"].append(Z[hs.to(Z.device)])
             st["cov_rows"].append(Z)
+            st["cov_held"].append(hs.to(Z.device))
             if sum(z.shape[0] for z in st["cov_rows"]) >= Z.shape[1] // 2:
                 self._fold_rows()
         elif self.keeps_cov:
@@ -250,7 +255,7 @@ class StatsAccumulator:
         if st["cov_rows"]:
             Z = torch.cat(st["cov_rows"]) if len(st["cov_rows"]) > 1 else st["cov_rows"][0]
             st["cov"].addmm_(Z.T, Z)
-            st["cov_rows"] = []
+            st["cov_rows"], st["cov_held"], st["folded"] = [], [], True
         return st["cov"]
 
     def _held_images(self, n: int, per_image: int) -> torch.Tensor:
@@ -331,6 +336,10 @@ class StatsAccumulator:
         st = self._state
         C, t = self.channels, self.geometry.taps
         own = (lambda v: v) if release else (lambda v: v.clone())  # noqa: E731
+        patches = rows = None
+        if self.keeps_cov and not st["folded"] and st["cov_rows"]:
+            patches = torch.cat(st["cov_rows"])
+            rows = torch.cat(st["cov_held"]).nonzero().reshape(-1)
         cov = own(self._fold_rows()) if self.keeps_cov else None
         heldout = None
         Z = self.held_patches() if self.keeps_cov and st["held_images"] else None
@@ -341,11 +350,12 @@ class StatsAccumulator:
         else:
             gram, held_gram = own(st["gram"]), own(st["held_gram"])
         if st["held_images"]:
-            heldout = HeldOut(held_gram, st["held_count"], st["held_images"], None if Z is None else own(Z))
+            heldout = HeldOut(held_gram, st["held_count"], st["held_images"], None if Z is None else own(Z),
+                              rows if patches is not None else None)
         return Statistics(
             mode=self.mode, gram=gram, count=st["count"], patch_count=st["patch_count"],
             patch_sum=st["patch_sum"].reshape(C, t).clone(), zeros=st["zeros"].clone(), elements=st["elements"],
-            cov=cov, backend=self.backend, heldout=heldout,
+            cov=cov, backend=self.backend, heldout=heldout, patches=patches,
         )
         if release:
             self._state = None

@@ -172,9 +172,14 @@ def _reconstruct(unit: Unit, stats: Statistics, W: torch.Tensor, keep: torch.Ten
     if Z is None or not 0 < Z.shape[0] < stats.patch_count:
         Wn = reconstruct.refit_full(W, stats.cov, keep, mean=mean, count=count, ridge=ridge).to(W.device)
         return Wn, float(reconstruct.refit_error(W, Wn, keep, stats.cov, mean, count)), recon, ridge, 0
-    Wn, r_full, err_full = reconstruct.refit_full_cv(
-        W, stats.cov, keep, Z, count=stats.patch_count,
-        patch_sum=stats.patch_sum if bias_compensation else None, ridges=ridges)
+    if stats.patches is not None and held.rows is not None and stats.patches.shape[0] < keep.numel() * unit.taps:
+        # fewer samples than unknowns: the same fit through S×S solves
+        Wn, r_full, err_full = reconstruct.refit_full_dual(W, stats.patches, keep, held.rows,
+                                                           centred=bias_compensation, ridges=ridges)
+    else:
+        Wn, r_full, err_full = reconstruct.refit_full_cv(
+            W, stats.cov, keep, Z, count=stats.patch_count,
+            patch_sum=stats.patch_sum if bias_compensation else None, ridges=ridges)
     # the scale fit, scored the same way on the same held-out patches
     mu_fit = ((stats.patch_sum.reshape(-1).double() - Z.double().sum(0).to(stats.patch_sum.device))
               / (stats.patch_count - Z.shape[0])) if bias_compensation else None
