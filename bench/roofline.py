@@ -81,7 +81,8 @@ Counting conventions and assumptions (honest, and deliberately simple):
   - *patch covariance P* (full mode): 2·D² per patch (symmetric: could be halved) + D
     adds (first moment); bytes: patches + P once.  *G from P*: A = WᵀW, 2·K·D²
     matmul-shaped flops, fused with the elementwise product and the tap-block
-    reduction (2·D² flops); bytes: W, P, G once (A is never written).
+    reduction (2·D² flops); bytes: W, P, G once (A is never written). (The torch path
+    forms only A's upper block rows, about half of these flops; the floor counts all.)
   - *direct* (VGG fc6, t = 49): every output per sample: 2·K·D (contributions, a
     batched matmul) + 2·K·C² (Gram) per patch; bytes: patches, W once per forward
     batch, X written and read back (S·K·C, as the torch path materialises it per chunk),

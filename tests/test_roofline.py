@@ -44,7 +44,7 @@ class _ArithTally(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if not (isinstance(out, torch.Tensor) and out.is_floating_point()):
             return out
-        if name == "mul":
+        if name in ("mul", "mul_"):
             self.muls += out.numel()
         elif name == "sum":
             self.adds += args[0].numel() - out.numel()

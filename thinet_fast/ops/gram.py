@@ -93,19 +93,12 @@ def patch_sum(x, geometry: ConsumerGeometry, img, oy, ox, *, acc_dtype: torch.dt
 # ------------------------------------------------------------------ G from P
 def gram_from_cov(kernel, P, *, backend: str = "auto") -> torch.Tensor:
     """Exact G summed over every output channel, from the patch covariance P."""
-    name = dispatch.choose(backend, P.device, _TRITON_FIRST, "gram_from_cov")
-    if name == "triton" and P.dtype == torch.float32:
-        return _triton("gram_from_cov_triton")(kernel, P)
-    K, C = kernel.shape[0], kernel.shape[1]
-    Wf = kernel.reshape(K, -1).to(P.dtype)
-    t = Wf.shape[1] // C
-    A = Wf.T @ Wf
-    return (A * P).reshape(C, t, C, t).sum(dim=(1, 3))
+    return gram_from_covs(kernel, [P], backend=backend)[0]
 
 
 def gram_from_covs(kernel, Ps, *, backend: str = "auto") -> list[torch.Tensor]:
-    """:func:`gram_from_cov` for several P with the same kernel (the torch path forms
-    WᵀW once)."""
+    """:func:`gram_from_cov` for several symmetric P with the same kernel (the torch
+    path forms WᵀW once, and only its upper half)."""
     if not Ps:
         return []
     name = dispatch.choose(backend, Ps[0].device, _TRITON_FIRST, "gram_from_cov")
@@ -114,8 +107,19 @@ def gram_from_covs(kernel, Ps, *, backend: str = "auto") -> list[torch.Tensor]:
     K, C = kernel.shape[0], kernel.shape[1]
     Wf = kernel.reshape(K, -1).to(Ps[0].dtype)
     t = Wf.shape[1] // C
-    A = Wf.T @ Wf
-    return [(A * P).reshape(C, t, C, t).sum(dim=(1, 3)) for P in Ps]
+    D = C * t
+    # A = WᵀW, P and so G are symmetric: only the upper block rows of A are formed, a
+    # block of channels at a time (half the product, and cache-sized temporaries)
+    step = max(1, min(C, (1 << 22) // max(D * t, 1)))
+    out = [torch.zeros(C, C, dtype=Ps[0].dtype, device=Ps[0].device) for _ in Ps]
+    for c0 in range(0, C, step):
+        c1 = min(C, c0 + step)
+        rows, cols = slice(c0 * t, c1 * t), slice(c0 * t, D)
+        Ar = Wf[:, rows].T @ Wf[:, cols]
+        for i, P in enumerate(Ps):
+            M = Ar.mul_(P[rows, cols]) if i == len(Ps) - 1 else Ar * P[rows, cols]
+            out[i][c0:c1, c0:] = M.view(c1 - c0, t, C - c0, t).sum(3).sum(1)
+    return [G.triu() + G.triu(1).T for G in out]
 
 
 def gram_from_covs_ref(kernel, Ps) -> list[torch.Tensor]:

@@ -106,10 +106,15 @@ def gather_patches(x: torch.Tensor, geometry: ConsumerGeometry, img, oy, ox) -> 
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation
     dev = x.device
     img, oy, ox = img.to(dev), oy.to(dev), ox.to(dev)
-    xp = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
-    rows = oy[:, None] * sh + torch.arange(kh, device=dev) * dh
-    cols = ox[:, None] * sw + torch.arange(kw, device=dev) * dw
-    z = xp[img[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (S, kh, kw, C)
+    H, W = x.shape[2], x.shape[3]
+    # index the unpadded map and zero the taps that fall in the padding: padding the
+    # whole map would copy it for a few patches
+    rows = oy[:, None] * sh - ph + torch.arange(kh, device=dev) * dh
+    cols = ox[:, None] * sw - pw + torch.arange(kw, device=dev) * dw
+    z = x[img[:, None, None], :, rows.clamp(0, H - 1)[:, :, None], cols.clamp(0, W - 1)[:, None, :]]  # (S, kh, kw, C)
+    if ph or pw:
+        inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
+        z = z * inside[..., None].to(z.dtype)
     return z.permute(0, 3, 1, 2).reshape(z.shape[0], x.shape[1], kh * kw)
 
 
