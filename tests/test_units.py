@@ -309,3 +309,29 @@ def test_get_set_module():
         set_module(m, "", nn.ReLU())
     with pytest.raises(KeyError):
         set_module(m, "1.7", nn.ReLU())
+
+
+def test_shape_passes_fall_back_when_meta_cannot_run():
+    """A tensor held outside parameters/buffers defeats the meta pass; the fake-tensor
+    fallback must then give the same shapes and FLOPs, once, and touch nothing."""
+    from thinet_fast.counting import profile
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3)
+            self.scale = torch.randn(1, 4, 1, 1)  # a plain attribute: stays on the CPU
+
+        def forward(self, x):
+            return self.conv2(torch.relu(self.bn(self.conv1(x)))) * self.scale
+
+    model = Shifted().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 9, 9)
+    plan = find_units(model, x)
+    assert [(u.producer, u.consumer, u.consumer_in_shape) for u in plan.units] == [("conv1", "conv2", (8, 9, 9))]
+    prof = profile(model, x[:1])
+    print([(lc.name, lc.out_shape, lc.flops) for lc in prof.layers])
+    assert [lc.name for lc in prof.layers] == ["conv1", "conv2"]
+    assert prof.flops == 2 * 8 * 81 * 3 * 9 + 2 * 4 * 49 * 8 * 9
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -25,7 +25,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn as nn
 
-from .units import shape_pass
+from .units import shape_forward
 
 __all__ = ["count_params", "count_flops", "model_size_mb", "profile", "LayerCount", "Profile"]
 
@@ -139,16 +139,11 @@ def profile(model: nn.Module, example_input: ExampleInputs) -> Profile:
             handles.append(m.register_forward_hook(hook))
     inputs = _as_tuple(example_input)
     try:
-        with torch.no_grad(), shape_pass(model):
-            on_meta = any(p.is_meta for p in model.parameters())
-            if on_meta:
-                model(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs])
-            else:
-                from torch._subclasses.fake_tensor import FakeTensorMode
-
-                # fake tensors: shapes only, and BatchNorm running stats stay untouched
-                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                    model(*[mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs])
+        # shapes only: the parameters and BatchNorm running stats stay untouched
+        def run(*xs):
+            records.clear()  # a failed meta attempt may have recorded some layers
+            return model(*xs)
+        shape_forward(model, run, inputs)
     finally:
         for h in handles:  # never leave hooks behind, even on error
             h.remove()

@@ -295,14 +295,16 @@ def refit_full_dual(kernel: torch.Tensor, patches: torch.Tensor, keep, held: tor
         raise ValueError(f"need both fit and held-out rows; got {int(fit.sum())} fit rows of {Z.shape[0]}")
     Wf = W.reshape(K, C * t)
     P0 = Wf[:, taps].T                                   # (d, K) the prior: the unpruned weights
-    Zf, Zh = Z[fit], Z[~fit]
-    if centred:
-        mu = Zf.mean(0)
-        Zf, Zh = Zf - mu, Zh - mu
+    # the two products with K columns, once for all rows; centring only shifts them
+    Y, B = Z @ Wf.T, Z[:, taps] @ P0                     # unpruned outputs; the prior's outputs
+    mu_a = Z.mean(0) if centred else torch.zeros(Z.shape[1], dtype=Z.dtype, device=Z.device)
+    mu_f = Z[fit].mean(0) if centred else mu_a
+    Zf, Zh = Z[fit] - mu_f, Z[~fit] - mu_f
     ZfS, ZhS = Zf[:, taps], Zh[:, taps]
-    Rf = Zf @ Wf.T - ZfS @ P0                            # (n, K) what the prior leaves unexplained
-    old = Zh @ Wf.T
-    base = ZhS @ P0
+    yf, bf = Wf @ mu_f, P0.T @ mu_f[taps]
+    Rf = (Y[fit] - yf) - (B[fit] - bf)                   # (n, K) what the prior leaves unexplained
+    old = Y[~fit] - yf
+    base = B[~fit] - bf
     energy = old.square().sum().clamp_min(torch.finfo(torch.float64).tiny)
     evals, U = torch.linalg.eigh(ZfS @ ZfS.T)
     evals = evals.clamp_min(0)
@@ -323,9 +325,8 @@ def refit_full_dual(kernel: torch.Tensor, patches: torch.Tensor, keep, held: tor
     r = best[0]
     if r == float("inf"):
         return P0.T.reshape(K, S.numel(), t).clone(), r, best[1]
-    Za = Z - Z.mean(0) if centred else Z
-    ZaS = Za[:, taps]
-    Ra = Za @ Wf.T - ZaS @ P0
+    ZaS = Z[:, taps] - mu_a[taps]
+    Ra = (Y - Wf @ mu_a) - (B - P0.T @ mu_a[taps])
     c = r * float(ZaS.square().sum()) / ZaS.shape[1]
     Ka = ZaS @ ZaS.T
     Ka.diagonal().add_(c if c > 0 else 1e-12)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -133,11 +132,6 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
                     selection_backend(method, backend, stats.gram.device), stats.backend, held, used_ridge)
 
 
-def _warn(unit: Unit, notes: list, message: str) -> None:
-    notes.append(message)
-    warnings.warn(f"{unit.consumer!r}: {message}", stacklevel=4)
-
-
 def _reconstruct(unit: Unit, stats: Statistics, W: torch.Tensor, keep: torch.Tensor, recon: str,
                  bias_compensation: bool, ridge: float, err_sel: float, notes: list):
     """(new weight (K, |S|, t) float64, its error, the reconstruction used, ridge, held-out images).
@@ -152,11 +146,10 @@ def _reconstruct(unit: Unit, stats: Statistics, W: torch.Tensor, keep: torch.Ten
         return W[:, keep].double(), err_sel, recon, None, n_held
     unknowns = keep.numel() * (unit.taps if recon == "full" else 1) + (recon == "full" and bias_compensation)
     samples = stats.patch_count if recon == "full" else stats.count
-    if samples < unknowns:
-        _warn(unit, notes, f"{samples} calibration samples for {unknowns} unknowns per output "
-                           f"({recon} reconstruction)" + (": the ridge is chosen on held-out images"
-                           if held is not None else ", and no held-out images to choose a ridge on")
-                           + "; give more images or samples_per_image for a better fit")
+    if samples < unknowns:  # prune() warns once for all such units
+        notes.append(f"{samples} calibration samples for {unknowns} unknowns per output ({recon} reconstruction)"
+                     + (": the ridge was chosen on held-out images" if held is not None
+                        else ", and no held-out images to choose a ridge on"))
     G_fit = (G - held.gram.to(G.device)) if held is not None else G
     r_scale = ridge
     if held is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, fields
 from typing import Mapping
 
@@ -58,6 +59,17 @@ def _plan_keeps(plan: UnitPlan, cfg: PruneConfig, preset) -> dict[str, int]:
     if isinstance(keep, Mapping):
         return {u.producer: n_keep_for(u.channels, keep[u.producer], f"keep[{u.producer!r}]") for u in plan.units}
     return {u.producer: n_keep_for(u.channels, keep) for u in plan.units}
+
+
+def _warn_scarce(records: list[dict], notes: list[str]) -> None:
+    """One warning for every unit whose fit had fewer samples than unknowns."""
+    scarce = [f"{r['consumer']!r}: {n}" for r in records for n in r["notes"] if "calibration samples for" in n]
+    if scarce:
+        message = (f"{len(scarce)} unit(s) had fewer calibration samples than unknowns; their fits are "
+                   "regularised, and the errors reported on held-out images. Give more images (num_images=) "
+                   "or samples_per_image= for better fits:\n  " + "\n  ".join(scarce))
+        warnings.warn(message, stacklevel=3)
+        notes.append(f"{len(scarce)} unit(s) had fewer calibration samples than unknowns (see their notes)")
 
 
 def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) -> PruneResult:
@@ -122,6 +134,7 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
         records = run_sequential(work, plan.units, n_keep, data, cfg, device, spec, timer)
     else:
         records = run_oneshot(work, plan.units, n_keep, data, cfg, device, spec, timer, stats=stats)
+    _warn_scarce(records, notes)
     if preset is not None and preset.transform is not None:
         work = preset.transform(work)
         notes.append(f"preset {preset.name}: {preset.note}")
