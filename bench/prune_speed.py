@@ -8,9 +8,9 @@ Workloads (random-init weights: speed does not depend on them; fixed random imag
   resnet50-sequential  ResNet-50 (v1, the paper's) with preset="resnet50-thinet-50",
                     32 images 224x224 in 4 batches, sequential
 
-Each run first times one plain forward pass (eval, no_grad) over the same batches, then
-the prune, in the same process, and prints the ratio and the report's per-phase
-breakdown. Run from the repository root:
+Each run times one plain forward pass (eval, no_grad) over the same batches before the
+prune and one after it, in the same process, and prints the prune's time over their
+mean, with the report's per-phase breakdown. Run from the repository root:
 
     .venv/bin/python bench/prune_speed.py vgg16-oneshot [--json out.json]
 
@@ -67,10 +67,11 @@ def forward_seconds(model: torch.nn.Module, batches) -> float:
 def run(name: str, progress: bool = False, keep_model: bool = False) -> dict:
     model, batches, opts = workload(name)
     forward_seconds(model, batches[:1])  # warm-up (allocator, oneDNN primitives)
-    fwd = forward_seconds(model, batches)
+    before = forward_seconds(model, batches)
     t0 = time.perf_counter()
     res = tf.prune(model, batches, progress=progress, **opts)
     prune_s = time.perf_counter() - t0
+    fwd = (before + forward_seconds(model, batches)) / 2  # one pass before and one after: drift cancels
     out = {
         "workload": name, "forward_s": fwd, "prune_s": prune_s, "ratio": prune_s / fwd,
         "target": TARGETS[name], "timings": res.report.timings,

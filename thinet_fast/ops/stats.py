@@ -34,6 +34,7 @@ STATS_BACKENDS = ("triton", "torch")
 MAX_COV_DIM = 8192
 HOLDOUT_EVERY = 5           # one image in five is held out
 _HELD_BYTES = 64 << 20      # bound on one unit's held-out patches
+_SYRK_BLOCK = 512           # rows per block of the symmetric update of P
 
 
 def choose_mode(channels: int, taps: int, max_cov_dim: int = MAX_COV_DIM) -> str:
@@ -233,7 +234,7 @@ class StatsAccumulator:
             st["cov_rows"].append(Z)
             st["cov_held"].append(hs.to(Z.device))
             if sum(z.shape[0] for z in st["cov_rows"]) >= Z.shape[1] // 2:
-                self._fold_rows()
+                self._fold_rows(mirror=False)
         elif self.keeps_cov:
             if held:
                 z = gather_patches(x, self.geometry, *held).reshape(held[0].numel(), -1).to(self.dtype)
@@ -246,17 +247,26 @@ class StatsAccumulator:
         st["patch_count"] += S
         self.images_seen += N
 
-    def _fold_rows(self) -> torch.Tensor:
-        """P with the buffered patches added (P += ZᵀZ in one product)."""
+    def _fold_rows(self, mirror: bool = True) -> torch.Tensor:
+        """P with the buffered patches added, whole (symmetric).
+
+        P += ZᵀZ runs as a symmetric rank-k update: only the upper block rows are
+        formed, the lower half is mirrored from them when P is read."""
         st = self._state
         D = self.channels * self.geometry.taps
         if st["cov"] is None:
             st["cov"] = torch.zeros(D, D, dtype=self.dtype, device=self.kernel.device)
+        P = st["cov"]
         if st["cov_rows"]:
             Z = torch.cat(st["cov_rows"]) if len(st["cov_rows"]) > 1 else st["cov_rows"][0]
-            st["cov"].addmm_(Z.T, Z)
+            for r0 in range(0, D, _SYRK_BLOCK):
+                r1 = min(D, r0 + _SYRK_BLOCK)
+                P[r0:r1, r0:].addmm_(Z[:, r0:r1].T, Z[:, r0:])
             st["cov_rows"], st["cov_held"], st["folded"] = [], [], True
-        return st["cov"]
+        for r0 in range(0, D if mirror else 0, _SYRK_BLOCK):  # the lower half from the upper block rows
+            r1 = min(D, r0 + _SYRK_BLOCK)
+            P[r0:, r0:r1] = P[r0:r1, r0:].T.clone()  # the diagonal block overlaps itself
+        return P
 
     def _held_images(self, n: int, per_image: int) -> torch.Tensor:
         """(n,) bool: which images of this batch join the held-out fold."""
