@@ -62,6 +62,24 @@ def test_fold_is_every_nth_image_and_totals_are_unchanged(mode):
         assert Z.shape[0] == held_only.patch_count and err_rest < 1e-12
 
 
+def test_fold_gram_on_a_wide_consumer():
+    """C·t = 2304: P and G are formed in several blocks (symmetric updates), which must
+    still give the held-out fold's exact Gram."""
+    gen = torch.Generator().manual_seed(5)
+    geo, weight = ConsumerGeometry.conv(3, padding=1), torch.randn(6, 256, 3, 3, generator=gen, dtype=torch.float64)
+    x = torch.relu(torch.randn(6, 256, 4, 4, generator=gen, dtype=torch.float64))
+    kw = dict(mode="full", samples_per_image=None)
+    st = _acc(weight, geo, [x[:3], x[3:]], holdout_every=2, **kw).result()
+    held_only = _acc(weight, geo, [x[1::2]], holdout_every=0, **kw).result()
+    plain = _acc(weight, geo, [x], holdout_every=0, **kw).result()
+    err_held = ((st.heldout.gram - held_only.gram).abs().max() / held_only.gram.abs().max()).item()
+    err_total = ((st.gram - plain.gram).abs().max() / plain.gram.abs().max()).item()
+    err_cov = ((st.cov - plain.cov).abs().max() / plain.cov.abs().max()).item()
+    print(f"held gram {err_held:.2e}, total gram {err_total:.2e}, P {err_cov:.2e}")
+    assert err_held < 1e-12 and err_total < 1e-12 and err_cov < 1e-12
+    assert torch.equal(st.cov, st.cov.T)
+
+
 def test_fold_stops_at_holdout_max_and_merges():
     gen = torch.Generator().manual_seed(3)
     geo, weight = ConsumerGeometry.conv(3, padding=1), torch.randn(4, 3, 3, 3, generator=gen)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from thinet_fast.ops.gram import (
-    direct_gram, direct_gram_ref, gram_from_cov, gram_from_cov_ref, gram_from_covs, gram_from_covs_ref,
+    add_upper_gram_, direct_gram, direct_gram_ref, gram_from_cov, gram_from_cov_ref, gram_from_covs, gram_from_covs_ref,
+    mirror_upper_,
     patch_moments, patch_moments_ref,
     sampled_gram, sampled_gram_ref,
 )
@@ -560,3 +561,19 @@ def test_gram_from_covs_matches_its_reference():
     print("gram_from_covs errors", errs)
     assert len(got) == 2 and max(errs) < 1e-12
     assert gram_from_covs(kernel, []) == []
+
+
+def test_upper_gram_and_mirror_match_the_full_product():
+    gen = torch.Generator().manual_seed(8)
+    Z = torch.randn(37, 1100, generator=gen, dtype=torch.float64)
+    P0 = torch.randn(1100, 1100, generator=gen, dtype=torch.float64)
+    P0 = P0 + P0.T
+    P = add_upper_gram_(P0.clone(), Z, block=256)
+    full = P0 + Z.T @ Z
+    err_upper = (P.triu() - full.triu()).abs().max().item()
+    blk = torch.arange(1100) // 256
+    below = blk[:, None] > blk[None, :]  # the blocks under the diagonal blocks
+    err_lower = (P - P0)[below].abs().max().item()
+    err_mirror = (mirror_upper_(P, block=256) - full).abs().max().item()
+    print("upper", err_upper, "lower untouched", err_lower, "mirrored", err_mirror)
+    assert err_upper < 1e-10 and err_lower == 0.0 and err_mirror < 1e-10

@@ -17,7 +17,7 @@ from . import dispatch
 from .patches import ConsumerGeometry, contributions, gather_patches, gather_patches_ref
 
 __all__ = [
-    "sampled_gram", "sampled_gram_ref", "patch_moments", "patch_moments_ref",
+    "sampled_gram", "sampled_gram_ref", "patch_moments", "patch_moments_ref", "add_upper_gram_", "mirror_upper_",
     "gram_from_cov", "gram_from_cov_ref", "gram_from_covs", "gram_from_covs_ref", "direct_gram", "direct_gram_ref",
 ]
 
@@ -88,6 +88,28 @@ def patch_sum(x, geometry: ConsumerGeometry, img, oy, ox, *, acc_dtype: torch.dt
     for sl in _chunks(img.numel(), D):
         zsum += gather_patches(x, geometry, img[sl], oy[sl], ox[sl]).reshape(-1, D).to(acc_dtype).sum(0)
     return zsum
+
+
+def add_upper_gram_(P: torch.Tensor, Z: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """P += ZᵀZ on P's upper block rows only (a symmetric rank-k update, about half the
+    flops of the full product); the blocks below the diagonal blocks are left as they
+    were. Returns P."""
+    D = P.shape[0]
+    for r0 in range(0, D, block):
+        r1 = min(D, r0 + block)
+        P[r0:r1, r0:].addmm_(Z[:, r0:r1].T, Z[:, r0:])
+    return P
+
+
+def mirror_upper_(P: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Copy P's upper block rows (as :func:`add_upper_gram_` leaves them) onto its lower half."""
+    D = P.shape[0]
+    for r0 in range(0, D, block):
+        r1 = min(D, r0 + block)
+        P[r1:, r0:r1] = P[r0:r1, r1:].T
+        d = P[r0:r1, r0:r1]
+        d.copy_(d.triu() + d.triu(1).T)  # exactly symmetric, from its upper triangle
+    return P
 
 
 # ------------------------------------------------------------------ G from P

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import dispatch
-from .gram import direct_gram, gram_from_covs, patch_moments, patch_sum, sampled_gram
+from .gram import (add_upper_gram_, direct_gram, gram_from_covs, mirror_upper_, patch_moments, patch_sum,
+                   sampled_gram)
 from .patches import ConsumerGeometry, gather_patches, sample_locations
 
 __all__ = ["Statistics", "HeldOut", "StatsAccumulator", "choose_mode", "MODES", "HOLDOUT_EVERY"]
@@ -34,7 +35,6 @@ STATS_BACKENDS = ("triton", "torch")
 MAX_COV_DIM = 8192
 HOLDOUT_EVERY = 5           # one image in five is held out
 _HELD_BYTES = 64 << 20      # bound on one unit's held-out patches
-_SYRK_BLOCK = 512           # rows per block of the symmetric update of P
 
 
 def choose_mode(channels: int, taps: int, max_cov_dim: int = MAX_COV_DIM) -> str:
@@ -259,14 +259,9 @@ class StatsAccumulator:
         P = st["cov"]
         if st["cov_rows"]:
             Z = torch.cat(st["cov_rows"]) if len(st["cov_rows"]) > 1 else st["cov_rows"][0]
-            for r0 in range(0, D, _SYRK_BLOCK):
-                r1 = min(D, r0 + _SYRK_BLOCK)
-                P[r0:r1, r0:].addmm_(Z[:, r0:r1].T, Z[:, r0:])
+            add_upper_gram_(P, Z)
             st["cov_rows"], st["cov_held"], st["folded"] = [], [], True
-        for r0 in range(0, D if mirror else 0, _SYRK_BLOCK):  # the lower half from the upper block rows
-            r1 = min(D, r0 + _SYRK_BLOCK)
-            P[r0:, r0:r1] = P[r0:r1, r0:].T.clone()  # the diagonal block overlaps itself
-        return P
+        return mirror_upper_(P) if mirror else P
 
     def _held_images(self, n: int, per_image: int) -> torch.Tensor:
         """(n,) bool: which images of this batch join the held-out fold."""
@@ -354,7 +349,7 @@ class StatsAccumulator:
         heldout = None
         Z = self.held_patches() if self.keeps_cov and st["held_images"] else None
         if self.mode == "full":
-            covs = [cov] + ([Z.T @ Z] if Z is not None else [])
+            covs = [cov] + ([mirror_upper_(add_upper_gram_(torch.zeros_like(cov), Z))] if Z is not None else [])
             grams = gram_from_covs(self.kernel, covs, backend=self.backend)  # one WᵀW for both
             gram, held_gram = grams[0], grams[-1]
         else:
