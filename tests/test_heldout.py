@@ -257,3 +257,17 @@ def test_refit_dual_equals_the_primal_fit(centred):
     print(f"dual ridge {rd} err {ed:.6g}; primal ridge {rp} err {ep:.6g}; weights {(Wd - Wp).abs().max():.2e}")
     assert rd == rp and abs(ed - ep) <= 1e-8 * max(ep, 1e-12)
     assert torch.allclose(Wd, Wp, rtol=1e-7, atol=1e-9 * float(Wp.abs().max()))
+
+
+def test_released_results_keep_patches_instead_of_P():
+    gen = torch.Generator().manual_seed(9)
+    geo, weight = ConsumerGeometry.conv(3, padding=1), torch.randn(4, 16, 3, 3, generator=gen, dtype=torch.float64)
+    x = torch.relu(torch.randn(6, 16, 5, 5, generator=gen, dtype=torch.float64))
+    kw = dict(mode="full", samples_per_image=3, seed=4)
+    kept = _acc(weight, geo, [x], **kw).result()
+    released = _acc(weight, geo, [x], **kw).result(release=True)
+    assert kept.patches is not None and kept.cov is not None  # 18 samples < 144 / 2: every patch kept
+    assert released.cov is None and torch.equal(released.patches, kept.patches)
+    err = ((released.covariance() - kept.cov).abs().max() / kept.cov.abs().max()).item()
+    print("P from patches vs accumulated P", err)
+    assert err < 1e-12 and torch.equal(released.gram, kept.gram)

@@ -83,6 +83,15 @@ class Statistics:
         """μ: the mean patch (C, t)."""
         return self.patch_sum / max(self.patch_count, 1)
 
+    def covariance(self) -> torch.Tensor | None:
+        """P: kept, or formed from the kept patches (released results keep only these
+        while they are the smaller)."""
+        if self.cov is not None or self.patches is None:
+            return self.cov
+        D = self.patches.shape[1]
+        P = torch.zeros(D, D, dtype=self.patches.dtype, device=self.patches.device)
+        return mirror_upper_(add_upper_gram_(P, self.patches))
+
     @property
     def zero_fraction(self) -> torch.Tensor:
         """APoZ of each input channel."""
@@ -360,7 +369,8 @@ class StatsAccumulator:
         return Statistics(
             mode=self.mode, gram=gram, count=st["count"], patch_count=st["patch_count"],
             patch_sum=st["patch_sum"].reshape(C, t).clone(), zeros=st["zeros"].clone(), elements=st["elements"],
-            cov=cov, backend=self.backend, heldout=heldout, patches=patches,
+            cov=None if (release and patches is not None) else cov, backend=self.backend, heldout=heldout,
+            patches=patches,
         )
         if release:
             self._state = None

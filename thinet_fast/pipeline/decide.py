@@ -109,7 +109,7 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
     W = consumer.weight.detach().reshape(K, unit.channels, -1)   # (K, C, t)
     notes = []
     recon = reconstruction
-    if recon == "full" and stats.cov is None:
+    if recon == "full" and stats.cov is None and stats.patches is None:
         recon = "scale"
         notes.append(f"full refit needs the patch covariance, too large here (C·t = {unit.channels * unit.taps}); used scale")
     held = stats.heldout
@@ -163,15 +163,16 @@ def _reconstruct(unit: Unit, stats: Statistics, W: torch.Tensor, keep: torch.Ten
     count = stats.patch_count if bias_compensation else None
     Z = held.patches if held is not None else None
     if Z is None or not 0 < Z.shape[0] < stats.patch_count:
-        Wn = reconstruct.refit_full(W, stats.cov, keep, mean=mean, count=count, ridge=ridge).to(W.device)
-        return Wn, float(reconstruct.refit_error(W, Wn, keep, stats.cov, mean, count)), recon, ridge, 0
+        cov = stats.covariance()
+        Wn = reconstruct.refit_full(W, cov, keep, mean=mean, count=count, ridge=ridge).to(W.device)
+        return Wn, float(reconstruct.refit_error(W, Wn, keep, cov, mean, count)), recon, ridge, 0
     if stats.patches is not None and held.rows is not None and stats.patches.shape[0] < keep.numel() * unit.taps:
         # fewer samples than unknowns: the same fit through S×S solves
         Wn, r_full, err_full = reconstruct.refit_full_dual(W, stats.patches, keep, held.rows,
                                                            centred=bias_compensation, ridges=ridges)
     else:
         Wn, r_full, err_full = reconstruct.refit_full_cv(
-            W, stats.cov, keep, Z, count=stats.patch_count,
+            W, stats.covariance(), keep, Z, count=stats.patch_count,
             patch_sum=stats.patch_sum if bias_compensation else None, ridges=ridges)
     # the scale fit, scored the same way on the same held-out patches
     mu_fit = ((stats.patch_sum.reshape(-1).double() - Z.double().sum(0).to(stats.patch_sum.device))
