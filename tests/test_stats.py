@@ -577,3 +577,15 @@ def test_upper_gram_and_mirror_match_the_full_product():
     err_mirror = (mirror_upper_(P, block=256) - full).abs().max().item()
     print("upper", err_upper, "lower untouched", err_lower, "mirrored", err_mirror)
     assert err_upper < 1e-10 and err_lower == 0.0 and err_mirror < 1e-10
+
+
+def test_gram_from_covs_takes_patches_block_by_block():
+    gen = torch.Generator().manual_seed(12)
+    kernel = torch.randn(5, 300, 3, 3, generator=gen, dtype=torch.float64)  # C·t = 2700: several blocks
+    Zs = [torch.relu(torch.randn(n, 2700, generator=gen, dtype=torch.float64)) for n in (9, 40)]
+    P = Zs[0].T @ Zs[0]
+    got = gram_from_covs(kernel, [P], patches=Zs, backend="torch")
+    want = gram_from_covs_ref(kernel, [P], patches=Zs)
+    errs = [rel(g, w) for g, w in zip(got, want)]
+    print("gram_from_covs with patches", errs)
+    assert len(got) == 3 and max(errs) < 1e-12 and all(torch.equal(g, g.T) for g in got)

@@ -118,34 +118,40 @@ def gram_from_cov(kernel, P, *, backend: str = "auto") -> torch.Tensor:
     return gram_from_covs(kernel, [P], backend=backend)[0]
 
 
-def gram_from_covs(kernel, Ps, *, backend: str = "auto") -> list[torch.Tensor]:
-    """:func:`gram_from_cov` for several symmetric P with the same kernel (the torch
-    path forms WᵀW once, and only its upper half)."""
-    if not Ps:
+def gram_from_covs(kernel, Ps, *, backend: str = "auto", patches=()) -> list[torch.Tensor]:
+    """:func:`gram_from_cov` for several symmetric P with the same kernel, and for the
+    P = ZᵀZ of each (S, C·t) matrix in ``patches`` (results in that order). The torch
+    path forms WᵀW once, and only its upper half, a block of channels at a time; the P
+    of ``patches`` are formed block by block too, never whole."""
+    Ps, patches = list(Ps), list(patches)
+    if not Ps and not patches:
         return []
-    name = dispatch.choose(backend, Ps[0].device, _TRITON_FIRST, "gram_from_cov")
-    if name == "triton" and all(P.dtype == torch.float32 for P in Ps):
-        return [_triton("gram_from_cov_triton")(kernel, P) for P in Ps]
+    like = (Ps or patches)[0]
+    name = dispatch.choose(backend, like.device, _TRITON_FIRST, "gram_from_cov")
+    if name == "triton" and all(P.dtype == torch.float32 for P in Ps + patches):
+        return [_triton("gram_from_cov_triton")(kernel, P) for P in Ps + [Z.T @ Z for Z in patches]]
     K, C = kernel.shape[0], kernel.shape[1]
-    Wf = kernel.reshape(K, -1).to(Ps[0].dtype)
+    Wf = kernel.reshape(K, -1).to(like.dtype)
     t = Wf.shape[1] // C
     D = C * t
-    # A = WᵀW, P and so G are symmetric: only the upper block rows of A are formed, a
-    # block of channels at a time (half the product, and cache-sized temporaries)
+    # A = WᵀW, P and so G are symmetric: only the upper block rows of A are formed (half
+    # the product, and cache-sized temporaries)
     step = max(1, min(C, (1 << 22) // max(D * t, 1)))
-    out = [torch.zeros(C, C, dtype=Ps[0].dtype, device=Ps[0].device) for _ in Ps]
+    n = len(Ps) + len(patches)
+    out = [torch.zeros(C, C, dtype=like.dtype, device=like.device) for _ in range(n)]
     for c0 in range(0, C, step):
         c1 = min(C, c0 + step)
         rows, cols = slice(c0 * t, c1 * t), slice(c0 * t, D)
         Ar = Wf[:, rows].T @ Wf[:, cols]
-        for i, P in enumerate(Ps):
-            M = Ar.mul_(P[rows, cols]) if i == len(Ps) - 1 else Ar * P[rows, cols]
+        blocks = [P[rows, cols] for P in Ps] + [Z[:, rows].T @ Z[:, cols] for Z in patches]
+        for i, B in enumerate(blocks):
+            M = Ar.mul_(B) if i == n - 1 else Ar * B
             out[i][c0:c1, c0:] = M.view(c1 - c0, t, C - c0, t).sum(3).sum(1)
     return [G.triu() + G.triu(1).T for G in out]
 
 
-def gram_from_covs_ref(kernel, Ps) -> list[torch.Tensor]:
-    return [gram_from_cov_ref(kernel, P) for P in Ps]
+def gram_from_covs_ref(kernel, Ps, patches=()) -> list[torch.Tensor]:
+    return [gram_from_cov_ref(kernel, P) for P in list(Ps) + [Z.T @ Z for Z in patches]]
 
 
 def gram_from_cov_ref(kernel, P) -> torch.Tensor:

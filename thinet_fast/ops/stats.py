@@ -351,15 +351,23 @@ class StatsAccumulator:
         C, t = self.channels, self.geometry.taps
         own = (lambda v: v) if release else (lambda v: v.clone())  # noqa: E731
         patches = rows = None
+        D = C * t
         if self.keeps_cov and not st["folded"] and st["cov_rows"]:
             patches = torch.cat(st["cov_rows"])
             rows = torch.cat(st["cov_held"]).nonzero().reshape(-1)
-        cov = own(self._fold_rows()) if self.keeps_cov else None
         heldout = None
         Z = self.held_patches() if self.keeps_cov and st["held_images"] else None
+        held_z = [Z] if Z is not None else []
+        if patches is not None:
+            # few samples: G from the patches block by block; P only if asked to keep it
+            cov = None if release else mirror_upper_(add_upper_gram_(patches.new_zeros(D, D), patches))
+            if self.mode == "full":
+                grams = gram_from_covs(self.kernel, [], patches=[patches] + held_z, backend=self.backend)
+        else:
+            cov = own(self._fold_rows()) if self.keeps_cov else None
+            if self.mode == "full":  # one WᵀW for both grams
+                grams = gram_from_covs(self.kernel, [cov], patches=held_z, backend=self.backend)
         if self.mode == "full":
-            covs = [cov] + ([mirror_upper_(add_upper_gram_(torch.zeros_like(cov), Z))] if Z is not None else [])
-            grams = gram_from_covs(self.kernel, covs, backend=self.backend)  # one WᵀW for both
             gram, held_gram = grams[0], grams[-1]
         else:
             gram, held_gram = own(st["gram"]), own(st["held_gram"])
@@ -369,8 +377,7 @@ class StatsAccumulator:
         return Statistics(
             mode=self.mode, gram=gram, count=st["count"], patch_count=st["patch_count"],
             patch_sum=st["patch_sum"].reshape(C, t).clone(), zeros=st["zeros"].clone(), elements=st["elements"],
-            cov=None if (release and patches is not None) else cov, backend=self.backend, heldout=heldout,
-            patches=patches,
+            cov=cov, backend=self.backend, heldout=heldout, patches=patches,
         )
         if release:
             self._state = None
