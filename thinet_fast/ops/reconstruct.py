@@ -36,6 +36,45 @@ def _check_square(A, name: str) -> None:
         raise ValueError(f"{name} contains NaN or Inf; check the statistics (a diverged model or an fp16 overflow)")
 
 
+def _taps(S: torch.Tensor, t: int) -> torch.Tensor:
+    """Columns of vec(z) (channel-major) that belong to the channels S."""
+    return (S[:, None] * t + torch.arange(t, device=S.device)).reshape(-1)
+
+
+def _kept_rows(kernel: torch.Tensor, cov: torch.Tensor, keep):
+    """The refit's shared start: W (K, C, t) float64, S, its taps, and the uncentred
+    ``P_{S,:} Wᵀ`` (|S|t, K) and ``P_SS`` in float64, from only the kept rows of P (no
+    float64 copy of the whole (C·t)² matrix; the one large product in the statistics' dtype)."""
+    K, C = kernel.shape[0], kernel.shape[1]
+    W = kernel.reshape(K, C, -1).double()
+    t = W.shape[2]
+    if cov.shape != (C * t, C * t):
+        raise ValueError(f"cov has shape {tuple(cov.shape)}; expected ({C * t}, {C * t}) for C={C}, t={t}")
+    _check_square(cov, "cov")
+    S = _keep_index(keep, C, kernel.device)
+    taps = _taps(S, t)
+    rows = cov.to(kernel.device)[taps]
+    rhs = (rows @ kernel.reshape(K, C * t).to(rows.dtype).T).double()
+    return W, S, taps, rhs, rows[:, taps].double()
+
+
+def _best_ridge(ridges, score, *, default: float, stop_on_rise: bool = True) -> tuple[float, float]:
+    """(ridge, error) with the least ``score(ridge)`` (None: that ridge could not be
+    solved). Ridges come strongest first; with ``stop_on_rise`` the search ends at the
+    first rise past a finite minimum (the held-out error is unimodal in log ridge in
+    practice)."""
+    best = (default, float("inf"))
+    for r in ridges:
+        err = score(r)
+        if err is None:
+            continue
+        if err < best[1]:
+            best = (r, err)
+        elif stop_on_rise and best[1] < float("inf"):
+            break
+    return best
+
+
 def _lam(A: torch.Tensor, ridge: float) -> float:
     lam = ridge * float(A.diagonal().mean().clamp_min(0))
     if not lam > 0:
@@ -110,19 +149,9 @@ def refit_full(kernel: torch.Tensor, cov: torch.Tensor, keep, *, mean: torch.Ten
     Returns:
         the new weight (K, |S|, t), float64.
     """
-    K, C = kernel.shape[0], kernel.shape[1]
-    W = kernel.reshape(K, C, -1).double()
-    t = W.shape[2]
-    if cov.shape != (C * t, C * t):
-        raise ValueError(f"cov has shape {tuple(cov.shape)}; expected ({C * t}, {C * t}) for C={C}, t={t}")
-    _check_square(cov, "cov")
-    S = _keep_index(keep, C, kernel.device)
-    taps = (S[:, None] * t + torch.arange(t, device=S.device)).reshape(-1)
-    # only the kept rows of P, centred block-wise: no float64 copy of the whole (C·t)² matrix
-    rows = cov.to(kernel.device)[taps]
-    rhs = (rows @ kernel.reshape(K, C * t).to(rows.dtype).T).double()  # (|S|t, K) in the statistics' dtype
-    P_SS = rows[:, taps].double()
-    if mean is not None:
+    W, S, taps, rhs, P_SS = _kept_rows(kernel, cov, keep)
+    K, C, t = W.shape
+    if mean is not None:  # centred block-wise
         if not count:
             raise ValueError("centred statistics need the patch count")
         mu = mean.reshape(-1).double().to(kernel.device)
@@ -192,12 +221,8 @@ def heldout_error(kernel: torch.Tensor, new_kernel: torch.Tensor, keep, patches:
 def choose_scale_ridge(gram_fit: torch.Tensor, gram_held: torch.Tensor, keep, ridges=RIDGES):
     """The ridge whose scale fit on ``gram_fit`` has the least error on ``gram_held``.
     Returns (ridge, held-out error)."""
-    best = (float("inf"), float("inf"))
-    for r in ridges:
-        err = float(scale_error(gram_held, keep, ls_scale(gram_fit, keep, ridge=r)))
-        if err < best[1]:
-            best = (r, err)
-    return best
+    return _best_ridge(ridges, lambda r: float(scale_error(gram_held, keep, ls_scale(gram_fit, keep, ridge=r))),
+                       default=float("inf"), stop_on_rise=False)
 
 
 def refit_full_cv(kernel: torch.Tensor, cov: torch.Tensor, keep, patches: torch.Tensor, *, count: int,
@@ -213,23 +238,13 @@ def refit_full_cv(kernel: torch.Tensor, cov: torch.Tensor, keep, patches: torch.
 
     Returns (new weight (K, |S|, t) float64, ridge, held-out error of the fold's fit).
     """
-    K, C = kernel.shape[0], kernel.shape[1]
-    W = kernel.reshape(K, C, -1).double()
-    t = W.shape[2]
-    if cov.shape != (C * t, C * t):
-        raise ValueError(f"cov has shape {tuple(cov.shape)}; expected ({C * t}, {C * t}) for C={C}, t={t}")
-    _check_square(cov, "cov")
-    S = _keep_index(keep, C, kernel.device)
-    taps = (S[:, None] * t + torch.arange(t, device=S.device)).reshape(-1)
-    Z = patches.to(kernel.device)
-    m = Z.shape[0]
+    m = patches.shape[0]
     if not 0 < m < count:
         raise ValueError(f"need 0 < held-out patches < count; got {m} and {count}")
+    W, S, taps, rhs_all, A_all = _kept_rows(kernel, cov, keep)
+    K, C, t = W.shape
     Wf = W.reshape(K, C * t)
-    rows = cov.to(kernel.device)[taps]
-    rhs_all = (rows @ kernel.reshape(K, C * t).to(rows.dtype).T).double()  # the one (|S|t × C·t × K) product
-    A_all = rows[:, taps].double()
-    Zd = Z.double()
+    Zd = patches.to(kernel.device).double()
     ZS, old = Zd[:, taps], Zd @ Wf.T                     # held-out patches on S; their unpruned outputs
     # in-place updates of the (d, d) matrices: they are large and memory-bound
     A_fit = torch.sub(A_all, ZS.T @ ZS)
@@ -246,23 +261,20 @@ def refit_full_cv(kernel: torch.Tensor, cov: torch.Tensor, keep, patches: torch.
         ZS = ZS - mu_fit[taps]
     prior = Wf[:, taps].T
     energy = old.square().sum().clamp_min(torch.finfo(torch.float64).tiny)
-    best = (ridges[-1], float("inf"))
-    for r in ridges:
+
+    def score(r):
         if r == float("inf"):
-            err = float((old - ZS @ prior).square().sum() / energy)
-        else:
-            lam = _lam(A_fit, r)
-            M = A_fit.clone()
-            M.diagonal().add_(lam)
-            L, info = torch.linalg.cholesky_ex(M)
-            if int(info):
-                continue
-            Y = torch.cholesky_solve(ZS.T.contiguous(), L)  # (d, m)
-            err = float((old - Y.T @ (rhs_fit + lam * prior)).square().sum() / energy)
-        if err < best[1]:
-            best = (r, err)
-        elif best[1] < float("inf"):
-            break  # past the minimum: the held-out error is unimodal in log ridge in practice
+            return float((old - ZS @ prior).square().sum() / energy)
+        lam = _lam(A_fit, r)
+        M = A_fit.clone()
+        M.diagonal().add_(lam)
+        L, info = torch.linalg.cholesky_ex(M)
+        if int(info):
+            return None
+        Y = torch.cholesky_solve(ZS.T.contiguous(), L)  # (d, m)
+        return float((old - Y.T @ (rhs_fit + lam * prior)).square().sum() / energy)
+
+    best = _best_ridge(ridges, score, default=ridges[-1])
     Wn = _ridge_solve(A_all, rhs_all, best[0], prior=prior).T
     return Wn.reshape(K, S.numel(), t), best[0], best[1]
 
@@ -288,7 +300,7 @@ def refit_full_dual(kernel: torch.Tensor, patches: torch.Tensor, keep, held: tor
     if not torch.isfinite(Z.sum()):
         raise ValueError("patches contain NaN or Inf; check the statistics (a diverged model or an fp16 overflow)")
     S = _keep_index(keep, C, kernel.device)
-    taps = (S[:, None] * t + torch.arange(t, device=S.device)).reshape(-1)
+    taps = _taps(S, t)
     fit = torch.ones(Z.shape[0], dtype=torch.bool, device=Z.device)
     fit[held.to(Z.device)] = False
     if not 0 < int(fit.sum()) < Z.shape[0]:
@@ -310,18 +322,16 @@ def refit_full_dual(kernel: torch.Tensor, patches: torch.Tensor, keep, held: tor
     evals = evals.clamp_min(0)
     Q, H = U.T @ Rf, (ZhS @ ZfS.T) @ U
     scale = float(ZfS.square().sum()) / ZfS.shape[1]     # c = ridge · mean diag(ZᵀZ)
-    best = (ridges[-1], float("inf"))
-    for r in ridges:
+
+    def score(r):
         if r == float("inf"):
             pred = base
         else:
             c = r * scale if r * scale > 0 else 1e-12
             pred = base + H @ (Q / (evals + c)[:, None])
-        err = float((old - pred).square().sum() / energy)
-        if err < best[1]:
-            best = (r, err)
-        elif best[1] < float("inf"):
-            break  # past the minimum, as in refit_full_cv
+        return float((old - pred).square().sum() / energy)
+
+    best = _best_ridge(ridges, score, default=ridges[-1])
     r = best[0]
     if r == float("inf"):
         return P0.T.reshape(K, S.numel(), t).clone(), r, best[1]

@@ -43,6 +43,11 @@ def choose_mode(channels: int, taps: int, max_cov_dim: int = MAX_COV_DIM) -> str
     return "full" if channels * taps <= max_cov_dim else "direct"
 
 
+def _patch_cov(Z: torch.Tensor) -> torch.Tensor:
+    """P = ZᵀZ of patches (S, C·t), by the symmetric update."""
+    return mirror_upper_(add_upper_gram_(Z.new_zeros(Z.shape[1], Z.shape[1]), Z))
+
+
 @dataclass
 class HeldOut:
     """The held-out fold: statistics of images that reconstruction fits must not see."""
@@ -88,9 +93,7 @@ class Statistics:
         while they are the smaller)."""
         if self.cov is not None or self.patches is None:
             return self.cov
-        D = self.patches.shape[1]
-        P = torch.zeros(D, D, dtype=self.patches.dtype, device=self.patches.device)
-        return mirror_upper_(add_upper_gram_(P, self.patches))
+        return _patch_cov(self.patches)
 
     @property
     def zero_fraction(self) -> torch.Tensor:
@@ -351,7 +354,6 @@ class StatsAccumulator:
         C, t = self.channels, self.geometry.taps
         own = (lambda v: v) if release else (lambda v: v.clone())  # noqa: E731
         patches = rows = None
-        D = C * t
         if self.keeps_cov and not st["folded"] and st["cov_rows"]:
             patches = torch.cat(st["cov_rows"])
             rows = torch.cat(st["cov_held"]).nonzero().reshape(-1)
@@ -360,7 +362,7 @@ class StatsAccumulator:
         held_z = [Z] if Z is not None else []
         if patches is not None:
             # few samples: G from the patches block by block; P only if asked to keep it
-            cov = None if release else mirror_upper_(add_upper_gram_(patches.new_zeros(D, D), patches))
+            cov = None if release else _patch_cov(patches)
             if self.mode == "full":
                 grams = gram_from_covs(self.kernel, [], patches=[patches] + held_z, backend=self.backend)
         else:

@@ -112,11 +112,11 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
     if recon == "full" and stats.cov is None and stats.patches is None:
         recon = "scale"
         notes.append(f"full refit needs the patch covariance, too large here (C·t = {unit.channels * unit.taps}); used scale")
-    held = stats.heldout
+    held = _fold(stats)
     # on the held-out fold when there is one, like error_reconstructed
-    err_sel = float(reconstruct.scale_error(held.gram if held is not None and held.images else stats.gram, keep))
-    Wn, err_rec, recon, used_ridge, held = _reconstruct(unit, stats, W, keep_dev, recon, bias_compensation, ridge,
-                                                        err_sel, notes)
+    err_sel = float(reconstruct.scale_error(held.gram if held is not None else stats.gram, keep))
+    Wn, err_rec, recon, used_ridge, n_held = _reconstruct(unit, stats, held, W, keep_dev, recon, bias_compensation, ridge,
+                                                  err_sel, notes)
     bias = consumer.bias.detach() if consumer.bias is not None else None
     if bias_compensation:
         bias = reconstruct.bias_compensation(W, Wn, keep, stats.mean.to(W.device), bias)
@@ -129,17 +129,25 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
     new_b = bias.to(dtype) if bias is not None else None
     return Decision(unit, keep.cpu(), new_w, new_b, method, stats.mode, recon, err_sel, err_rec,
                     curve.cpu() if curve is not None else None, time.perf_counter() - t0, notes,
-                    selection_backend(method, backend, stats.gram.device), stats.backend, held, used_ridge)
+                    selection_backend(method, backend, stats.gram.device), stats.backend,
+                    n_held, used_ridge)
 
 
-def _reconstruct(unit: Unit, stats: Statistics, W: torch.Tensor, keep: torch.Tensor, recon: str,
+def _fold(stats: Statistics):
+    """The held-out fold, if it has images and leaves some samples to fit on."""
+    held = stats.heldout
+    return held if held is not None and held.images and held.count < stats.count else None
+
+
+def _reconstruct(unit: Unit, stats: Statistics, held, W: torch.Tensor, keep: torch.Tensor, recon: str,
                  bias_compensation: bool, ridge: float, err_sel: float, notes: list):
-    """(new weight (K, |S|, t) float64, its error, the reconstruction used, ridge, held-out images).
+    """(new weight (K, |S|, t) float64, its error, the reconstruction used, ridge, the
+    held-out images behind that error (0: in sample)).
 
-    With a held-out fold (DESIGN §5) the ridge is chosen on it, the error is the fold's,
-    and a full refit that does not beat the scale fit there falls back to scale."""
-    G, held = stats.gram, stats.heldout
-    held = held if held is not None and held.images and held.count < stats.count else None
+    With a held-out fold ``held`` (DESIGN §5) the ridge is chosen on it, the error is
+    the fold's, and a full refit that does not beat the scale fit there falls back to
+    scale."""
+    G = stats.gram
     n_held = held.images if held is not None else 0
     ridges = tuple(r for r in reconstruct.RIDGES if r > ridge) + (ridge,)
     if recon == "none":
