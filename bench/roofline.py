@@ -130,7 +130,7 @@ from thinet_fast.counting import profile
 from thinet_fast.ops.stats import choose_mode
 from thinet_fast.pipeline.config import n_keep_for
 from thinet_fast.rewrite import prune_unit_
-from thinet_fast.segments import Segments
+from thinet_fast.segments import Segments, State
 from thinet_fast.units import Unit, find_units
 
 __all__ = [
@@ -484,14 +484,8 @@ def replay_passes(model: nn.Module, units: Sequence[Unit], s: Sampling, keep: fl
     out = []
     for u in units:
         target = seg.input_of(u.consumer)
-        start = cache[0] if cache is not None and cache[0] <= target else seg.input
+        start, capture = seg.plan(u.producer, u.consumer, None if cache is None else cache[0])
         start_bytes = cache[1] if start != seg.input else s.input_bytes
-        if seg.is_cut(target):
-            capture = target
-        else:
-            capture = seg.latest_cut(seg.call(u.producer))
-            if capture < start:
-                capture = start if start < seg.call(u.producer) else None
         ops = _segment_ops(pruned, seg, start, target, s.image_shape)
         costs = forward_costs(ForwardTrace(ops), None, s, "replay")
         prune_unit_(pruned, u, torch.arange(n_keep_for(u.channels, keep)))
@@ -499,7 +493,8 @@ def replay_passes(model: nn.Module, units: Sequence[Unit], s: Sampling, keep: fl
         if capture is not None:
             with torch.no_grad():
                 v = _value_at(pruned, seg, capture, 1, s.image_shape)
-            cached = v.numel() * s.act_bytes * s.images
+            cached = sum(t.numel() for t in (v if isinstance(v, State) else (v,))
+                         if isinstance(t, torch.Tensor)) * s.act_bytes * s.images
         cache = (capture, cached) if cached is not None and cached <= memory_bytes else None
         out.append({"consumer": u.consumer, "start": seg.name(start), "upload_bytes": start_bytes,
                     "cached": seg.name(capture) if cache is not None else None,

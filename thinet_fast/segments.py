@@ -1,13 +1,16 @@
-"""Run a traced model piece by piece: cut points and segments (DESIGN.md §7, Replay).
+"""Run a traced model piece by piece: states, cut points and segments (DESIGN.md §7, Replay).
 
-A *cut point* is a node of the traced graph that every later value depends on alone: in
-topological order, no earlier input-dependent node is used after it (a layer boundary in
-a chain, a block input in a ResNet). The activation at a cut point is all a later
-segment needs, so activations cached there can be replayed instead of the images.
+The *state* at a position of the traced graph (in topological order) is the tuple of
+input-dependent values computed up to there that a later node still reads: all a
+later segment needs. A *cut point* is a position whose state is one value (a layer
+boundary in a chain, a block input in a ResNet); inside a residual block the state is
+the block input plus the current branch value. Activations cached as a state can be
+replayed instead of the images.
 
-:class:`Segments` runs the graph from a cut point's value up to a module call, with
-the modules looked up by name in the *live* model on every call, so segments stay right
-while units are rewritten. This module knows modules and the fx graph, not the math.
+:class:`Segments` runs the graph from a state up to a module call, with the modules
+looked up by name in the *live* model on every call, so segments stay right while units
+are rewritten. At a cut point a state is passed as its one value, elsewhere as a
+:class:`State`. This module knows modules and the fx graph, not the math.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from torch import nn
 
 from .units import _trace, get_module
 
-__all__ = ["Segments"]
+__all__ = ["Segments", "State"]
 
 _INPLACE_FNS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ior, operator.iand}
 
@@ -28,6 +31,23 @@ _INPLACE_FNS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, 
 def _attr(model: nn.Module, target: str):
     mod_name, _, name = target.rpartition(".")
     return getattr(get_module(model, mod_name), name)
+
+
+class State(tuple):
+    """The values live at a position that is not a cut point, in node order, with the
+    batch size (``batch``) of the images they came from."""
+
+    batch: int
+
+    def __new__(cls, values, batch: int):
+        self = super().__new__(cls, values)
+        self.batch = int(batch)
+        return self
+
+
+def batch_size(x) -> int:
+    """Images in a batch: a tensor's first dimension, or a :class:`State`'s ``batch``."""
+    return x.batch if isinstance(x, State) else x.shape[0]
 
 
 class Segments:
@@ -61,6 +81,7 @@ class Segments:
         for i, n in enumerate(self.nodes):
             if n.op == "call_module":
                 self._calls.setdefault(str(n.target), i)
+        self._live: dict[int, tuple[int, ...]] = {}
 
     def name(self, pos: int) -> str:
         return "input" if pos == self.input else self.nodes[pos].name
@@ -90,6 +111,13 @@ class Segments:
                 return True
         return False
 
+    def live(self, pos: int) -> tuple[int, ...]:
+        """Positions of the values making up the state at ``pos`` (``(pos,)`` at a cut)."""
+        if pos not in self._live:
+            self._live[pos] = tuple(i for i in range(pos + 1) if self.dynamic[i] and self.nodes[i].op != "output"
+                                    and (i == pos or self.last_use[i] > pos))
+        return self._live[pos]
+
     def is_cut(self, pos: int) -> bool:
         return pos in self.cuts
 
@@ -97,14 +125,61 @@ class Segments:
         """The last cut point strictly before position ``before`` (the input at worst)."""
         return max(c for c in self.cuts if c < before) if before > self.cuts[0] else self.cuts[0]
 
+    def descendants(self, pos: int) -> set[int]:
+        """Positions of the nodes that read node ``pos``'s value, directly or not."""
+        out, todo = set(), [self.nodes[pos]]
+        while todo:
+            for u in todo.pop().users:
+                if self.pos[u] not in out:
+                    out.add(self.pos[u])
+                    todo.append(u)
+        return out
+
+    def plan(self, producer: str, consumer: str, cached: int | None) -> tuple[int, int | None]:
+        """(start, capture) of a sequential unit's pass: start from the ``cached`` state
+        when it lies at or before the consumer's input, else from the input; capture the
+        state at the consumer's input when pruning the producer changes only that value
+        there (its kept channels then start the next pass), else the latest state before
+        the producer call, which pruning leaves as it is. ``None``: nothing to capture."""
+        target, call = self.input_of(consumer), self.call(producer)
+        start = cached if cached is not None and cached <= target else self.input
+        changed = self.descendants(call)
+        if not any(i in changed for i in self.live(target) if i != target):
+            return start, target
+        capture = call - 1
+        while capture > start and not self.dynamic[capture]:
+            capture -= 1
+        return start, (capture if capture >= start else None)
+
+    def mutated(self, model: nn.Module, pos: int) -> bool:
+        """True if a reader of a value of the state at ``pos`` may change it in place
+        (a cached state must then be copied before it is run on)."""
+        return any(self._mutated(model, i) for i in self.live(pos))
+
+    def _mutated(self, model: nn.Module, pos: int) -> bool:
+        for u in self.nodes[pos].users:
+            if u.kwargs.get("inplace") or (u.op == "call_function" and u.target in _INPLACE_FNS):
+                return True
+            if u.op == "call_method" and str(u.target).endswith("_"):
+                return True
+            if u.op == "call_module" and getattr(get_module(model, str(u.target)), "inplace", False):
+                return True
+        return False
+
     def run(self, model: nn.Module, start: int, value, *, capture: int | None = None, stop: int | None = None):
-        """Evaluate the graph from cut point ``start`` (holding ``value``) with ``model``'s
-        modules. Returns the value at ``capture``, or the model's output without one.
-        Stops after node ``stop``; a module hook may also stop it by raising."""
-        if start not in self.cuts:
-            raise ValueError(f"position {start} ({self.name(start)}) is not a cut point")
-        env: dict[fx.Node, object] = {self.nodes[start]: value}
-        captured = value if capture == start else None
+        """Evaluate the graph from the state ``value`` at position ``start`` with
+        ``model``'s modules. Returns the state at ``capture``, or the model's output
+        without one. Stops after node ``stop``; a module hook may also stop it by raising."""
+        live = self.live(start)
+        if len(live) == 1:
+            value, batch = (value,), None
+        elif not isinstance(value, State) or len(value) != len(live):
+            raise ValueError(f"the state at position {start} ({self.name(start)}) is {len(live)} values; "
+                             f"got {type(value).__name__}")
+        else:
+            batch = value.batch
+        env: dict[fx.Node, object] = {self.nodes[i]: v for i, v in zip(live, value)}
+        captured = self._state(env, capture, batch) if capture == start else None
         end = len(self.nodes) - 1 if stop is None else stop
         for i, n in enumerate(self.nodes[: end + 1]):
             if i <= start and self.dynamic[i] or n.op == "placeholder":
@@ -126,16 +201,25 @@ class Segments:
                 raise RuntimeError(f"unexpected fx node op {n.op!r}")
             env[n] = out
             if i == capture:
-                captured = out
+                captured = self._state(env, capture, batch)
             for a in n.all_input_nodes:  # free what no later node reads
                 if self.dynamic[self.pos[a]] and self.last_use[self.pos[a]] <= i:
                     env.pop(a, None)
         return captured
 
+    def _state(self, env, pos: int, batch: int | None):
+        live = self.live(pos)
+        if len(live) == 1:
+            return env[self.nodes[live[0]]]
+        values = [env[self.nodes[i]] for i in live]
+        if batch is None:
+            batch = next(v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0)
+        return State(values, batch)
+
     def forward(self, model: nn.Module, start: int, capture: int | None = None, keep=None):
         """A ``forward(x)`` for :func:`thinet_fast.pipeline.collect.feed` that runs from
-        cut point ``start``; with ``capture`` (a later cut point) each batch's value
-        there goes to ``keep(value)`` before the rest runs (and before any hook stops it)."""
+        the state at ``start``; with ``capture`` (a later position) each batch's state
+        there goes to ``keep(state)`` before the rest runs (and before any hook stops it)."""
         def run(x):
             if capture is None:
                 return self.run(model, start, x)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = [
     "Unit",
@@ -321,6 +322,18 @@ class _Call(nn.Module):
         return self.fn(*args)
 
 
+class _MetaNorms(torch.overrides.TorchFunctionMode):
+    """Normalisations keep their input's shape: on meta tensors, skip their (Python)
+    decompositions, a third of a meta ResNet-50 forward."""
+
+    _SAME_SHAPE = {F.batch_norm, F.instance_norm, F.layer_norm, F.group_norm}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._SAME_SHAPE and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return torch.empty_like(args[0])
+        return func(*args, **(kwargs or {}))
+
+
 def shape_forward(model: nn.Module, fn: Callable, inputs: Sequence) -> Any:
     """``fn(*inputs)`` for shapes only, on a model whose parameters and buffers are left
     as they were. First with every parameter, buffer and input swapped for a meta tensor
@@ -330,7 +343,8 @@ def shape_forward(model: nn.Module, fn: Callable, inputs: Sequence) -> Any:
     with torch.no_grad(), shape_pass(model):
         try:
             state = {f"model.{k}": v.to("meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
-            return torch.func.functional_call(_Call(model, fn), state, tuple(meta(x) for x in inputs))
+            with _MetaNorms():
+                return torch.func.functional_call(_Call(model, fn), state, tuple(meta(x) for x in inputs))
         except Exception:  # a tensor held outside parameters/buffers, a data-dependent op, ...
             pass
         try:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..modes import preserved_modes
 from ..ops.patches import ConsumerGeometry
 from ..ops.stats import MAX_COV_DIM, STATS_BACKENDS, Statistics, StatsAccumulator, choose_mode
+from ..segments import batch_size
 from ..units import Unit, get_module
 
 Sink = Callable[[torch.Tensor], None]
@@ -178,9 +179,10 @@ def feed(model: nn.Module, sinks: Mapping[nn.Module, list[Sink]], batches: Itera
                     missing = sorted((names or {}).get(m, type(m).__name__) for m in sinks if id(m) not in seen)
                     raise RuntimeError(f"the forward pass never reached consumer(s) {missing}; "
                                        "is the unit list from this model?")
-                images += x.shape[0]
+                n = batch_size(x)
+                images += n
                 if bar is not None:
-                    bar.update(x.shape[0])
+                    bar.update(n)
     finally:
         for h in handles:
             h.remove()

@@ -1,11 +1,12 @@
 """Activation replay for the sequential schedule (DESIGN.md §7).
 
-The calibration activations are cached at a cut point of the traced graph. Each unit's
-statistics come from running only the segment from the cached point to its consumer,
-on the model as pruned so far; while it runs, the activations at the next cut point are
-cached for the next unit. When a unit's consumer input is itself a cut point (a chain),
-the kept channels of the cached input become the next segment's input once the unit is
-pruned. The cache is bounded by a memory budget; past it a unit re-runs from the images.
+The calibration activations are cached as a state of the traced graph (one value at a
+cut point; inside a residual block, the block input and the branch value). Each unit's
+statistics come from running only the segment from the cached state to its consumer,
+on the model as pruned so far; while it runs, the state at the consumer's input is
+cached for the next unit, and once the unit is pruned its kept channels of the
+consumer's input start the next segment. Where pruning would change another value of
+that state, the state just before the producer is cached instead. The cache is bounded by a memory budget; past it a unit re-runs from the images.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..segments import Segments
+from ..segments import Segments, State
 from ..units import Unit
 from .collect import iter_batches
 
@@ -81,32 +82,27 @@ class Replay:
         seg = self.seg
         if self.images_only:
             return _Source(self, seg.input, seg.input, seg.input, unit)
-        target = seg.input_of(unit.consumer)
-        start = self.cache.pos if self.cache is not None and self.cache.pos <= target else seg.input
+        start, capture = seg.plan(unit.producer, unit.consumer, None if self.cache is None else self.cache.pos)
         if self.cache is not None and start == seg.input:
             self.cache = None  # it lies beyond this unit's consumer: useless from now on
-        if seg.is_cut(target):
-            capture = target  # its kept channels are the next segment's input
-        else:
-            capture = seg.latest_cut(seg.call(unit.producer))  # unchanged by pruning this unit
-            if capture < start:
-                capture = start if start < seg.call(unit.producer) else None
-        return _Source(self, start, capture, target, unit)
+        return _Source(self, start, capture, seg.input_of(unit.consumer), unit)
 
     def commit(self, unit: Unit, keep: torch.Tensor) -> None:
-        """Make the activations captured for ``unit`` the cache, sliced to the kept
-        channels when they are the consumer's input."""
+        """Make the states captured for ``unit`` the cache, with the consumer's input
+        sliced to the kept channels when the capture was made there."""
         nxt, self._next = self._next, None
         if nxt is None:
             return
         if nxt.pos == self.seg.input_of(unit.consumer):
             keep = keep.to(torch.long)
             for i, v in enumerate(nxt.values):
-                nxt.values[i] = _slice_channels(v, keep, unit)
-                if nxt.values[i] is None:
+                # the consumer's input is the state's last value (the latest node in it)
+                last = _slice_channels(v[-1] if isinstance(v, State) else v, keep, unit)
+                if last is None:
                     self.cache = None
                     return
-            nxt.nbytes = sum(v.numel() * v.element_size() for v in nxt.values)
+                nxt.values[i] = State((*v[:-1], last), v.batch) if isinstance(v, State) else last
+            nxt.nbytes = sum(_nbytes(v) for v in nxt.values)
         self.cache = nxt
 
 
@@ -131,7 +127,9 @@ class _Source:
         where = f"replayed from `{r.seg.name(self.start)}`" if self._replayed else "from the images"
         if self.stored is not None and not self.dropped:
             place = "host" if self.stored.on_host else str(r.device)
-            where += f"; cached `{r.seg.name(self.capture)}` ({self.stored.nbytes / MB:.1f} MB on {place})"
+            others = [f"`{r.seg.name(i)}`" for i in r.seg.live(self.capture) if i != self.capture]
+            also = f" with {', '.join(others)}" if others else ""
+            where += f"; cached `{r.seg.name(self.capture)}`{also} ({self.stored.nbytes / MB:.1f} MB on {place})"
         elif self.dropped:
             where += f"; `{r.seg.name(self.capture)}` not cached: over the replay memory budget"
         return where
@@ -148,8 +146,7 @@ class _Source:
         for i, v in enumerate(cache.values):
             if not reuse:
                 cache.values[i] = None  # free as we go
-            x = v.to(r.device, non_blocking=True)
-            yield x.clone() if copy and reuse and x.data_ptr() == v.data_ptr() else x
+            yield _each(v, lambda t: _fresh(t, t.to(r.device, non_blocking=True), copy and reuse))
         if not reuse:
             r.cache = None
 
@@ -169,16 +166,19 @@ class _Source:
             c = self.stored
             if self.dropped:
                 return
-            if not isinstance(v, torch.Tensor):
+            if not all(isinstance(t, _CACHEABLE) for t in (v if isinstance(v, State) else (v,))):
                 return self._drop()
-            size = v.numel() * v.element_size()
+            size = _nbytes(v)
             if not c.on_host and c.nbytes + size > r.dev_budget:  # spill to host memory
-                c.values[:] = [t.cpu() for t in c.values]
+                c.values[:] = [_each(t, torch.Tensor.cpu) for t in c.values]
                 c.on_host = True
             if c.on_host and c.nbytes + size > r.host_budget:
                 return self._drop()
-            v = v.detach()
-            c.values.append(v.cpu() if c.on_host and v.device.type != "cpu" else (v.clone() if copy else v))
+
+            def store(t):
+                t = t.detach()
+                return _fresh(t, t.cpu() if c.on_host else t, copy)
+            c.values.append(_each(v, store))
             c.nbytes += size
         return r.seg.forward(r.model, self.start, capture=self.capture, keep=keep)
 
@@ -186,6 +186,26 @@ class _Source:
         self.dropped = True
         self.stored.values.clear()
         self.replay._next = None
+
+
+_CACHEABLE = (torch.Tensor, int, float, bool, torch.Size, type(None))
+
+
+def _each(v, fn):
+    """``fn`` applied to the tensor(s) of a cached value or :class:`State`."""
+    if isinstance(v, State):
+        return State([fn(t) if isinstance(t, torch.Tensor) else t for t in v], v.batch)
+    return fn(v) if isinstance(v, torch.Tensor) else v
+
+
+def _fresh(old: torch.Tensor, new: torch.Tensor, copy: bool) -> torch.Tensor:
+    """``new``, cloned when ``copy`` and it still shares ``old``'s memory."""
+    return new.clone() if copy and new.data_ptr() == old.data_ptr() else new
+
+
+def _nbytes(v) -> int:
+    ts = v if isinstance(v, State) else (v,)
+    return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
 
 
 def _slice_channels(v: torch.Tensor, keep: torch.Tensor, unit: Unit):
