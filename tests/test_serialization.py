@@ -52,10 +52,11 @@ def test_weights_stored_once(tmp_path):
 def test_roundtrip_with_base_no_unpickling(tmp_path):
     model = pruned_resnet()
     buf = io.BytesIO()
-    save(model, buf, skeleton=False)
+    save(model, buf)
     buf.seek(0)
-    with pytest.raises(ValueError, match="base="):
-        load(buf)
+    assert torch.load(buf, weights_only=True)["skeleton"] is None  # nothing pickled
+    buf.seek(0)
+    torch.testing.assert_close(load(buf)(X), model(X))  # from the plain description
     buf.seek(0)
     base = DemoResNet()  # full width: rebuilt from the saved spec
     back = load(buf, base=base)
@@ -123,10 +124,13 @@ def test_rejects_foreign_files(tmp_path):
         save(m, tmp_path / "meta.pt")
 
 
-def test_unpicklable_model_message(tmp_path):
+def test_undescribable_model_loads_with_base_only(tmp_path):
     model = DemoVGG()
-    model.fn = lambda x: x  # lambdas cannot be pickled
-    with pytest.raises(RuntimeError, match="skeleton=False"):
+    model.fn = lambda x: x  # neither described nor pickled
+    with pytest.warns(UserWarning, match="no plain description.*base="):
         save(model, tmp_path / "x.pt")
-    save(model, tmp_path / "x.pt", skeleton=False)
+    with pytest.raises(ValueError, match="base="):
+        load(tmp_path / "x.pt")
     assert isinstance(load(tmp_path / "x.pt", base=DemoVGG()), DemoVGG)
+    with pytest.raises(RuntimeError, match="cannot pickle"), pytest.warns(UserWarning):
+        save(model, tmp_path / "y.pt", skeleton=True)

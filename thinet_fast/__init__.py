@@ -21,7 +21,7 @@ from .ops.patches import ConsumerGeometry
 from .ops.stats import Statistics, StatsAccumulator
 from .units import Unit, UnitPlan, find_units
 from .rewrite import prune_unit_, prune_units
-from .serialization import load, save
+from .serialization import load, load_meta, save
 from .counting import count_flops, count_params, model_size_mb
 from .pipeline import PruneConfig, PruneResult, collect_statistics, prune, recalibrate_batchnorm
 from .pipeline.config import BACKENDS, METHODS, RECONSTRUCTIONS, SCHEDULES, STATISTICS
@@ -35,7 +35,7 @@ __all__ = [
     "greedy_remove", "greedy_remove_ref", "greedy_keep_ls", "greedy_keep_ls_ref", "removal_to_keep",
     "ls_scale", "refit_full", "bias_compensation", "lasso_keep", "top_k",
     "ConsumerGeometry", "StatsAccumulator", "Statistics",
-    "Unit", "UnitPlan", "find_units", "prune_unit_", "prune_units", "save", "load",
+    "Unit", "UnitPlan", "find_units", "prune_unit_", "prune_units", "save", "load", "load_meta",
     "count_params", "count_flops", "model_size_mb",
     "PruneConfig", "PruneResult", "prune", "collect_statistics", "recalibrate_batchnorm",
     "METHODS", "STATISTICS", "RECONSTRUCTIONS", "SCHEDULES", "BACKENDS",

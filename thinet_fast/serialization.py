@@ -1,49 +1,57 @@
-"""Save and load pruned models without rebuilding their shapes by hand.
+"""Save and load pruned models without rebuilding their shapes by hand, and without
+running code from the file.
 
-File format (``torch.save`` of a plain dict; format tag ``"thinet_fast.model"``, version 1)::
+File format (``torch.save`` of a plain dict; format tag ``"thinet_fast.model"``, version 2)::
 
     {
-      "format": "thinet_fast.model", "version": 1, "torch": "<torch version>",
-      "state_dict": {...},              # every parameter and persistent buffer
+      "format": "thinet_fast.model", "version": 2, "torch": "<torch version>",
+      "architecture": {...},            # the module tree as plain data (thinet_fast.architecture)
+      "tensors": {...},                 # every parameter and buffer, for the architecture
+      "state_dict": {...}, "state_metadata": {...},  # for load(base=...)
       "extra_buffers": {...},           # non-persistent buffers (not in state_dict)
       "spec": {fqn: {"type": ..., args}},  # shapes of Conv/Linear/BN/PReLU/adaptive pools
       "training": {fqn: bool},
       "modules": {fqn: "module.Class"},   # the saved module tree
-      "skeleton": b"...",               # the module tree pickled on the meta device (no data)
+      "skeleton": None | b"...",        # only with save(skeleton=True): the pickled tree
       "meta": {...},                    # caller's JSON-like metadata
     }
 
-Everything except ``skeleton`` loads with ``torch.load(weights_only=True)``, so the outer
-file is opened safely and its tag checked first. Then there are two ways back:
+The whole file loads with ``torch.load(weights_only=True)``. Three ways back:
 
-- ``load(path)``: unpickle the skeleton (``weights_only=False``: this runs pickled Python,
-  so only load files you trust) and fill it with the state dict. Needs the model's
-  classes importable, nothing else.
-- ``load(path, base=builder())``: no unpickling at all. Start from a model of the same
-  architecture (e.g. ``torchvision.models.vgg16()``), rebuild every module whose shape
-  or type differs from ``spec`` (Conv2d, Linear, BatchNorm1d/2d, PReLU, adaptive pools,
-  so a ThiNet-GAP head is recreated too), drop children the saved model does not have,
-  refuse any other difference in the module tree (``modules``: fqn -> class), then load
-  the state dict strictly.
+- ``load(path)``: rebuild the module tree from ``architecture`` (classes looked up by
+  name, imported only from trusted packages; no constructor or other code from the
+  file runs) and give it the saved tensors.
+- ``load(path, base=builder())``: start from a model of the same architecture (e.g.
+  ``torchvision.models.vgg16()``), rebuild every module whose shape or type differs from
+  ``spec`` (Conv2d, Linear, BatchNorm1d/2d, PReLU, adaptive pools, so a ThiNet-GAP head
+  is recreated too), drop children the saved model does not have, refuse any other
+  difference in the module tree (``modules``: fqn -> class), then load the state dict.
+- ``load(path, unsafe_unpickle=True)``: unpickle ``skeleton`` (runs pickled Python: only
+  for files you trust; version-1 files and models that have no plain description).
 
-Weights are stored once (the skeleton holds meta tensors only).
+Files are written atomically (``<path>.tmp``, then ``os.replace``).
 """
 from __future__ import annotations
 
 import copy
 import io
 import os
+import warnings
+from collections import OrderedDict
 from typing import Any, BinaryIO, Optional, Union
 
 import torch
 import torch.nn as nn
 
+from . import architecture
+from .files import atomic_write, check_writable
 from .units import get_module
 
 __all__ = ["save", "load", "load_meta", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "thinet_fast.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 PathLike = Union[str, os.PathLike, BinaryIO]
 
@@ -131,26 +139,43 @@ def _extra_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model: nn.Module, path: PathLike, *, meta: Optional[dict] = None, skeleton: bool = True) -> None:
+def save(model: nn.Module, path: PathLike, *, meta: Optional[dict] = None, skeleton: bool = False) -> None:
     """Write ``model`` (pruned or not) so that :func:`load` gives it back as is.
 
     Args:
         model: the model.
-        path: file path or binary file object.
+        path: file path (written atomically; checked for writability first) or binary
+            file object.
         meta: optional metadata (plain Python values: str/int/float/bool/None, lists,
             dicts), readable without the model via :func:`load_meta`.
-        skeleton: also store the pickled module tree (default). Without it,
-            :func:`load` needs ``base=``.
+        skeleton: also pickle the module tree. Useful only for models with no plain
+            description (hooks, lambdas or other objects as attributes: save warns);
+            such a file loads with ``base=``, or ``unsafe_unpickle=True`` with this.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save: expected an nn.Module, got {type(model).__name__}")
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         raise ValueError("save: the model has meta tensors (no data); materialise it first")
+    named = isinstance(path, (str, os.PathLike))
+    if named:
+        check_writable(path, "save: path")
+    try:
+        desc, why = architecture.describe(model), None
+    except architecture.DescriptionError as exc:
+        desc = None
+        warnings.warn(f"save: the model has no plain description ({exc}); the file loads only with "
+                      "load(path, base=<a model of the same architecture>)"
+                      + (" or unsafe_unpickle=True" if skeleton else "; or pass skeleton=True to also pickle "
+                         "the module tree (loaded with unsafe_unpickle=True)"), stacklevel=2)
+    sd = model.state_dict()
     payload = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "torch": str(torch.__version__),
-        "state_dict": {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()},
+        "architecture": desc,
+        "tensors": architecture.tensors_of(model),
+        "state_dict": {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in sd.items()},
+        "state_metadata": {k: dict(v) for k, v in getattr(sd, "_metadata", {}).items()},
         "extra_buffers": _extra_buffers(model),
         "spec": {fqn: s for fqn, m in model.named_modules() if (s := _spec_of(m)) is not None},
         "training": {fqn: m.training for fqn, m in model.named_modules()},
@@ -167,21 +192,25 @@ def save(model: nn.Module, path: PathLike, *, meta: Optional[dict] = None, skele
                 f"save: cannot pickle the module tree of {type(model).__name__} ({type(exc).__name__}: {exc}). "
                 "Remove hooks/lambdas from the model, or pass skeleton=False and load with base=<same architecture>."
             ) from exc
-    torch.save(payload, path)
+    if named:
+        atomic_write(path, lambda f: torch.save(payload, f))
+    else:
+        torch.save(payload, path)
 
 
 def _read(path: PathLike, map_location) -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
+        why = (str(exc).strip().splitlines() or [""])[0][:160]  # torch's long advice is not ours
         raise ValueError(f"load: {path!r} is not a thinet_fast model file (torch.load(weights_only=True) "
-                         f"failed: {type(exc).__name__}: {exc})") from exc
+                         f"failed: {type(exc).__name__}: {why})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"load: {path!r} is not a thinet_fast model file (no '{FORMAT}' format tag); "
                          "for a plain state_dict use model.load_state_dict(torch.load(...))")
-    if payload.get("version") != FORMAT_VERSION:
+    if payload.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"load: {path!r} has format version {payload.get('version')}, this thinet_fast "
-                         f"reads version {FORMAT_VERSION}")
+                         f"reads versions {READABLE_VERSIONS}")
     return payload
 
 
@@ -236,15 +265,20 @@ def _get_param(model: nn.Module, name: str) -> nn.Parameter:
     return getattr(get_module(model, mod_fqn), pname)
 
 
-def load(path: PathLike, map_location=None, *, base: Optional[nn.Module] = None) -> nn.Module:
-    """Load a model written by :func:`save`.
+def load(path: PathLike, map_location=None, *, base: Optional[nn.Module] = None,
+         trusted_modules=(), unsafe_unpickle: bool = False) -> nn.Module:
+    """Load a model written by :func:`save`; by default no code from the file runs.
 
     Args:
         path: file path or binary file object.
         map_location: as in ``torch.load`` (e.g. ``"cpu"``).
         base: optional model of the same architecture (e.g. ``vgg16()``); it is reshaped
-            from the saved spec and filled, and nothing is unpickled. Without it the saved
-            module tree is unpickled: only load files you trust.
+            from the saved spec and filled.
+        trusted_modules: top-level packages the model's classes may be imported from,
+            beside torch, torchvision, thinet_fast and whatever is imported already.
+        unsafe_unpickle: unpickle the saved module tree when the file has no plain
+            description (version-1 files, ``save(skeleton=True)``). This runs pickled
+            Python: only for files you trust.
     """
     payload = _read(path, map_location)
     state = payload["state_dict"]
@@ -252,12 +286,27 @@ def load(path: PathLike, map_location=None, *, base: Optional[nn.Module] = None)
         if not isinstance(base, nn.Module):
             raise TypeError(f"load: base must be an nn.Module, got {type(base).__name__}")
         model = _rebuild_base(base, payload["spec"], payload["modules"])
+    elif payload.get("architecture") is not None:
+        try:
+            model = architecture.rebuild(payload["architecture"], payload["tensors"],
+                                         trusted_modules=trusted_modules)
+        except architecture.DescriptionError as exc:
+            raise ValueError(f"load: {path!r}: {exc}") from exc
+        return model
     else:
         blob = payload.get("skeleton")
         if blob is None:
-            raise ValueError(f"load: {path!r} was saved with skeleton=False; pass base=<a model of the same architecture>")
-        model = torch.load(io.BytesIO(blob), weights_only=False)  # tag checked above; trusted files only
+            raise ValueError(f"load: {path!r} has no architecture; pass base=<a model of the same architecture>")
+        if not unsafe_unpickle:
+            raise ValueError(f"load: {path!r} holds its module tree only as a pickle, and unpickling runs code "
+                             "from the file. Pass base=<a model of the same architecture>, or "
+                             "unsafe_unpickle=True if you trust the file")
+        model = torch.load(io.BytesIO(blob), weights_only=False)  # the caller opted in
     ties = _tied_groups(model)
+    state = OrderedDict(state)
+    state._metadata = OrderedDict((k, dict(v)) for k, v in payload.get("state_metadata", {}).items())
+    if not state._metadata:
+        del state._metadata
     model.load_state_dict(state, strict=True, assign=True)
     for names in ties:  # assign=True makes one Parameter per key: tie them again
         first = _get_param(model, names[0])

@@ -9,6 +9,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..files import check_writable
 from ..report import Report, build_report
 from ..units import UnitPlan, find_units
 from .budget import allocate_flops
@@ -91,6 +92,8 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
         print(result.report)
     """
     cfg = _config(config, options)
+    if cfg.resume:
+        check_writable(cfg.resume, "resume=")
     spec = StatsSpec.from_config(cfg)
     preset = None
     if cfg.preset is not None:

@@ -1,21 +1,20 @@
 """Sequential (paper, resumable) and one-shot schedules."""
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 from torch import nn
 
+from ..fingerprint import DataDigest
 from ..rewrite import prune_unit_
 from ..units import Unit, get_module
+from . import checkpoint
 from .collect import StatsSpec, collect_units, iter_batches, progress_bar
 from .config import PruneConfig
 from .decide import Decision, decide, select_thinet_batched, selection_backend
 from .replay import Replay
 from .timing import Timings
-
-CHECKPOINT_FORMAT = "thinet_fast-checkpoint/1"
 
 
 def _decide(model, unit, stats, n_keep, cfg: PruneConfig, timer: Timings, selection=None) -> Decision:
@@ -36,28 +35,6 @@ def _apply(model, d: Decision, timer: Timings):
         prune_unit_(model, d.unit, d.keep, consumer_weight=d.consumer_weight, consumer_bias=d.consumer_bias)
 
 
-# ------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: str, model: nn.Module, cfg: PruneConfig, records: list[dict]) -> None:
-    """Atomically write the partly pruned model and what was done."""
-    tmp = f"{path}.tmp"
-    torch.save({"format": CHECKPOINT_FORMAT, "fingerprint": cfg.fingerprint(), "records": records,
-                "model": model}, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, cfg: PruneConfig) -> dict:
-    # weights_only=False: the checkpoint holds the module tree, and we only read files we wrote
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a thinet_fast checkpoint; delete it or pass another resume= path")
-    theirs, ours = ckpt["fingerprint"], cfg.fingerprint()
-    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-    if diff:
-        raise ValueError(f"checkpoint {path} was written with different options ({', '.join(diff)}); "
-                         "pass the same options to resume, or a new resume= path")
-    return ckpt
-
-
 def transplant(model: nn.Module, source: nn.Module) -> None:
     """Make ``model`` hold ``source``'s whole module tree (parameters, buffers, children)."""
     for key in ("_modules", "_parameters", "_buffers"):
@@ -73,30 +50,47 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
     ``cfg.resume`` is set."""
     records: list = []
     done: set[str] = set()
-    if cfg.resume and os.path.exists(cfg.resume):
-        ckpt = load_checkpoint(cfg.resume, cfg)
-        records = list(ckpt["records"])
-        done = {r["producer"] for r in records}
-        # the whole checkpointed model: a per-unit fine-tune may have changed any layer
-        transplant(model, ckpt["model"].to(device))
+    digest, data_seen = None, None
+    if cfg.resume:
+        source = checkpoint.run_source(model, units, n_keep, data, cfg, device)
+        digest = DataDigest()
+        if checkpoint.exists(cfg.resume):
+            loaded, meta = checkpoint.load_checkpoint(cfg.resume, cfg, source, model, device)
+            records, data_seen = list(meta["records"]), meta.get("data")
+            done = {r["producer"] for r in records}
+            # the whole checkpointed model: a per-unit fine-tune may have changed any layer
+            transplant(model, loaded)
     replay = Replay(model, data, spec.num_images, device, host_budget=cfg.replay_memory,
                     enabled=cfg.replay_memory != 0, images_only=cfg.finetune is not None)
     for index, unit in enumerate(units):
         if unit.producer in done:
             continue
-        source = replay.plan(unit)
+        source_pass = replay.plan(unit)
+        batches = source_pass.batches()
+        hashing = digest is not None and digest.images == 0 and not source_pass.from_cache
+        if hashing:
+            batches = _digested(batches, digest)
         with progress_bar(spec.num_images, f"[{index + 1}/{len(units)}] {unit.consumer}", cfg.progress) as bar:
-            stats = collect_units(model, [unit], source.batches(), spec, first_index=index,
-                                  forward=source.forward(), bar=bar, timer=timer)[unit.producer]
+            stats = collect_units(model, [unit], batches, spec, first_index=index,
+                                  forward=source_pass.forward(), bar=bar, timer=timer)[unit.producer]
+        if hashing:
+            checkpoint.check_data(cfg.resume, data_seen, digest)
+            data_seen = digest.as_dict()
         d = _decide(model, unit, stats, n_keep[unit.producer], cfg, timer)
         _apply(model, d, timer)
         replay.commit(unit, d.keep)
         if cfg.finetune is not None:
             cfg.finetune(model, unit, index)
-        records.append(dict(d.record(), replay=source.describe()))
+        records.append(dict(d.record(), replay=source_pass.describe()))
         if cfg.resume:
-            save_checkpoint(cfg.resume, model, cfg, records)
+            checkpoint.save_checkpoint(cfg.resume, model, cfg, source, records, data_seen)
     return records
+
+
+def _digested(batches, digest):
+    for x in batches:
+        digest.update(x)
+        yield x
 
 
 def run_oneshot(model: nn.Module, units: list[Unit], n_keep: dict[str, int], data, cfg: PruneConfig,

@@ -1,0 +1,137 @@
+"""Files we read run no code; files we write are replaced atomically (issue 8)."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import sys
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import thinet_fast as tf
+from thinet_fast import architecture
+from thinet_fast.serialization import FORMAT, load, save
+
+
+class _Boom:
+    """Unpickling this writes a marker file: what an attacker's payload would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _payload(**fields):
+    base = {"format": FORMAT, "version": 2, "architecture": None, "tensors": {}, "state_dict": {},
+            "spec": {}, "modules": {}, "meta": {}, "skeleton": None}
+    base.update(fields)
+    return base
+
+
+def test_crafted_skeleton_is_never_unpickled_by_default(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save(_payload(skeleton=pickle.dumps(_Boom(str(marker)))), path)
+    with pytest.raises(ValueError, match="unsafe_unpickle=True"):
+        load(path)
+    assert not marker.exists()
+    # the opt-in is explicit and does what it says
+    with pytest.raises(Exception):
+        load(path, unsafe_unpickle=True)
+    assert marker.exists()
+
+
+def test_crafted_architecture_names_no_callable(tmp_path):
+    good = architecture.describe(nn.Sequential(nn.Linear(2, 2)))
+    for bad_class in ("os:system", "builtins:eval", "subprocess:Popen"):
+        desc = {**good, "modules": [dict(good["modules"][0], **{"class": bad_class})] + good["modules"][1:]}
+        with pytest.raises(architecture.DescriptionError, match="not a plain nn.Module"):
+            architecture.rebuild(desc, {"0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(2)})
+    # an attribute referring outside the model's packages is refused
+    rec = dict(good["modules"][1])
+    rec["attrs"] = dict(rec["attrs"], hook={"__ref__": "os:system"})
+    desc = {**good, "modules": [good["modules"][0], rec]}
+    with pytest.raises(architecture.DescriptionError, match="refused"):
+        architecture.rebuild(desc, {"0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(2)})
+
+
+def test_untrusted_package_is_not_imported(tmp_path, monkeypatch):
+    pkg = tmp_path / "sideeffect_pkg"
+    pkg.mkdir()
+    marker = tmp_path / "imported"
+    (pkg / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nimport torch.nn as nn\nclass Net(nn.Module):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    good = architecture.describe(nn.Identity())
+    desc = {**good, "modules": [dict(good["modules"][0], **{"class": "sideeffect_pkg:Net"})]}
+    with pytest.raises(architecture.DescriptionError, match="trusted_modules"):
+        architecture.rebuild(desc, {})
+    assert not marker.exists()
+    m = architecture.rebuild(desc, {}, trusted_modules=["sideeffect_pkg"])  # opted in
+    assert type(m).__name__ == "Net" and marker.exists()
+    sys.modules.pop("sideeffect_pkg", None)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "mnasnet0_5", "convnext_tiny",
+                                  "vit_b_16", "efficientnet_b0", "googlenet"])
+def test_torchvision_models_round_trip_without_pickle(name, tmp_path):
+    torch.manual_seed(0)
+    kw = {"image_size": 32} if name == "vit_b_16" else {}
+    if name == "googlenet":
+        kw = {"aux_logits": False, "init_weights": False}
+    model = getattr(torchvision.models, name)(**kw).eval()
+    path = tmp_path / f"{name}.pt"
+    save(model, path)
+    back = load(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        err = float((back(x) - model(x)).abs().max())
+    print(name, err)
+    assert type(back) is type(model) and err == 0.0
+    # the base= route keeps the state dict's version metadata (MNASNet checks it)
+    fresh = getattr(torchvision.models, name)(**kw).eval()
+    with torch.no_grad():
+        assert float((load(path, base=fresh)(x) - model(x)).abs().max()) == 0.0
+
+
+def test_save_is_atomic_and_reuses_a_stale_tmp(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    first = nn.Linear(3, 3)
+    save(first, path)
+    before = path.read_bytes()
+    (tmp_path / "m.pt.tmp").write_bytes(b"stale half-written file")
+
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save(nn.Linear(3, 3), path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert path.read_bytes() == before  # the old file is whole
+    assert not (tmp_path / "m.pt.tmp").exists()  # and the temporary is gone
+    torch.testing.assert_close(load(path).weight, first.weight)
+    (tmp_path / "m.pt.tmp").write_bytes(b"stale")
+    save(nn.Linear(3, 3), path)  # a stale temporary is overwritten
+    assert not (tmp_path / "m.pt.tmp").exists()
+
+
+def test_unwritable_paths_fail_before_any_work(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        save(nn.Linear(2, 2), tmp_path / "no_such_dir" / "m.pt")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        save(nn.Linear(2, 2), tmp_path)
+    if os.geteuid() != 0:  # root may write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        with pytest.raises(PermissionError, match="not writable"):
+            save(nn.Linear(2, 2), ro / "m.pt")

@@ -1,0 +1,210 @@
+"""A module tree as plain data, and back, without unpickling code.
+
+:func:`describe` records, for every module of a model, its class (by import name), its
+instance attributes (plain values: numbers, strings, tuples, lists, dicts, tensors,
+dtypes; classes, functions and ``functools.partial`` by import name), its parameter and
+buffer names, and the children in order. Everything in it loads with
+``torch.load(weights_only=True)``.
+
+:func:`rebuild` makes the module tree again: each class is looked up by name (imported
+only from trusted packages), instantiated with ``cls.__new__`` and ``nn.Module.__init__``
+(no constructor of the model runs) and given its saved attributes and the saved tensors.
+Nothing named in the file is ever called. This module knows modules, not the math.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["describe", "rebuild", "DescriptionError", "TRUSTED_PACKAGES"]
+
+FORMAT = "thinet_fast.architecture/1"
+TRUSTED_PACKAGES = ("torch", "torchvision", "thinet_fast")
+_INTERNAL = frozenset(nn.Module().__dict__) | {"_compiled_call_impl"}
+_HOOKS = [k for k in _INTERNAL if "hooks" in k]
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, torch.Tensor)
+
+
+class DescriptionError(ValueError):
+    """The module tree holds something a plain description cannot carry."""
+
+
+def _name_of(obj) -> str:
+    mod, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not mod or not qual or "<" in qual:
+        raise DescriptionError(f"{obj!r} has no import name")
+    found = _lookup(mod, qual)
+    if found is not obj:
+        raise DescriptionError(f"{mod}.{qual} does not name {obj!r}")
+    return f"{mod}:{qual}"
+
+
+def _lookup(mod: str, qual: str):
+    obj = sys.modules.get(mod)
+    for part in qual.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _value(v, where: str):
+    """A plain copy of attribute value ``v`` (tagged dicts for references)."""
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, (list, tuple)):
+        items = [_value(x, where) for x in v]
+        return items if isinstance(v, list) else {"__tuple__": items}
+    if isinstance(v, dict):
+        if not all(isinstance(k, str) for k in v):
+            raise DescriptionError(f"{where}: a dict with non-string keys")
+        return {"__dict__": {k: _value(x, where) for k, x in v.items()}}
+    if isinstance(v, functools.partial):
+        return {"__partial__": _value(v.func, where), "args": _value(v.args, where),
+                "keywords": _value(dict(v.keywords), where)}
+    if isinstance(v, type) or callable(v) and hasattr(v, "__qualname__"):
+        try:
+            return {"__ref__": _name_of(v)}
+        except DescriptionError as exc:
+            raise DescriptionError(f"{where}: {exc}") from None
+    raise DescriptionError(f"{where} is a {type(v).__name__}, which has no plain description")
+
+
+def describe(model: nn.Module) -> dict:
+    """The module tree of ``model`` as plain data (see the module docstring). Raises
+    :class:`DescriptionError` naming the module and attribute that cannot be described
+    (hooks, lambdas, objects that are neither modules nor plain values)."""
+    canon = {id(m): fqn for fqn, m in model.named_modules()}  # a shared module under its first name
+    modules = []
+    for fqn, m in model.named_modules():
+        where = f"module `{fqn or '<root>'}` ({type(m).__name__})"
+        for k in _HOOKS:
+            if getattr(m, k, None):
+                raise DescriptionError(f"{where} has {k} (e.g. weight_norm or a user hook): a description "
+                                       "cannot carry hooks; remove them before saving")
+        attrs = {k: _value(v, f"{where}.{k}") for k, v in vars(m).items() if k not in _INTERNAL}
+        modules.append({
+            "fqn": fqn, "class": _name_of(type(m)), "training": m.training, "attrs": attrs,
+            "params": {k: (None if p is None else bool(p.requires_grad)) for k, p in m._parameters.items()},
+            "buffers": {k: b is not None for k, b in m._buffers.items()},
+            "non_persistent": sorted(m._non_persistent_buffers_set),
+            "children": {k: (None if c is None else canon[id(c)]) for k, c in m._modules.items()},
+        })
+    first: dict[int, str] = {}
+    tied = {}
+    for name, t in _named_tensors(model):
+        if id(t) in first:
+            tied[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return {"format": FORMAT, "modules": modules, "tied": tied}
+
+
+def _named_tensors(model: nn.Module):
+    for fqn, m in model.named_modules():
+        for k, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is not None:
+                yield (f"{fqn}.{k}" if fqn else k), t
+
+
+def tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (persistent or not) by full name, a tied tensor under
+    its first name only (as :func:`rebuild` wants them)."""
+    out, seen = {}, set()
+    for name, t in _named_tensors(model):
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t.detach()
+    return out
+
+
+class _Resolver:
+    def __init__(self, roots: set[str]):
+        self.roots = roots
+
+    def __call__(self, name: str, what: str):
+        mod, _, qual = name.partition(":")
+        root = mod.split(".")[0]
+        if mod not in sys.modules:
+            if root not in self.roots:
+                raise DescriptionError(
+                    f"the file names {what} `{mod}.{qual}` from `{mod}`, which is not imported and not trusted; "
+                    f"import `{mod}` first, or pass trusted_modules=[{root!r}]")
+            importlib.import_module(mod)
+        obj = _lookup(mod, qual)
+        if obj is None:
+            raise DescriptionError(f"`{mod}` has no `{qual}` ({what}); is the same version of `{root}` installed?")
+        return obj
+
+
+def _restore(v, resolve: _Resolver, trusted_refs: set[str]):
+    if isinstance(v, list):
+        return [_restore(x, resolve, trusted_refs) for x in v]
+    if isinstance(v, dict):
+        if "__tuple__" in v:
+            return tuple(_restore(x, resolve, trusted_refs) for x in v["__tuple__"])
+        if "__dict__" in v:
+            return {k: _restore(x, resolve, trusted_refs) for k, x in v["__dict__"].items()}
+        if "__partial__" in v:
+            return functools.partial(_restore(v["__partial__"], resolve, trusted_refs),
+                                     *_restore(v["args"], resolve, trusted_refs),
+                                     **_restore(v["keywords"], resolve, trusted_refs))
+        if "__ref__" in v:
+            name = v["__ref__"]
+            if name.partition(":")[0].split(".")[0] not in trusted_refs:
+                raise DescriptionError(f"the file refers to `{name}` outside the model's own packages; refused")
+            return resolve(name, "the attribute")
+        raise DescriptionError(f"unknown tagged value {sorted(v)}")
+    if not isinstance(v, _PLAIN):
+        raise DescriptionError(f"unexpected {type(v).__name__} in a description")
+    return v
+
+
+def rebuild(desc: Mapping, tensors: Mapping[str, torch.Tensor], *,
+            trusted_modules: Iterable[str] = ()) -> nn.Module:
+    """The model that :func:`describe` described, holding ``tensors`` (name -> tensor;
+    as :func:`tensors_of` gives them). Classes are imported only from packages already
+    imported or listed in :data:`TRUSTED_PACKAGES` / ``trusted_modules``; no constructor,
+    no ``__setstate__`` and nothing else named in the description runs."""
+    if not isinstance(desc, Mapping) or desc.get("format") != FORMAT:
+        raise DescriptionError("not a thinet_fast architecture description")
+    resolve = _Resolver(set(TRUSTED_PACKAGES) | set(trusted_modules))
+    classes = {}
+    for rec in desc["modules"]:
+        cls = resolve(rec["class"], "module class")
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or "__new__" in vars(cls):
+            raise DescriptionError(f"`{rec['class']}` is not a plain nn.Module subclass; refused")
+        classes[rec["fqn"]] = cls
+    refs_ok = set(TRUSTED_PACKAGES) | set(trusted_modules) | {r["class"].split(".")[0] for r in desc["modules"]}
+    tied = desc.get("tied", {})
+    built: dict[str, nn.Module] = {}
+    params: dict[str, torch.Tensor] = {}
+    for rec in desc["modules"]:
+        fqn = rec["fqn"]
+        m = classes[fqn].__new__(classes[fqn])
+        nn.Module.__init__(m)
+        m.__dict__.update({k: _restore(v, resolve, refs_ok) for k, v in rec["attrs"].items()})
+        m.training = bool(rec["training"])
+        for table, entries, kind in ((m._parameters, rec["params"], "parameter"), (m._buffers, rec["buffers"], "buffer")):
+            for k, flag in entries.items():
+                key = f"{fqn}.{k}" if fqn else k
+                if flag is None or (kind == "buffer" and flag is False):
+                    table[k] = None
+                elif key in tied:
+                    table[k] = params[tied[key]]
+                elif key not in tensors:
+                    raise DescriptionError(f"no tensor for {kind} `{key}`")
+                else:
+                    t = tensors[key]
+                    table[k] = nn.Parameter(t, requires_grad=flag) if kind == "parameter" else t
+                    params[key] = table[k]
+        m._non_persistent_buffers_set = set(rec["non_persistent"])
+        built[fqn] = m
+    for rec in desc["modules"]:
+        m = built[rec["fqn"]]
+        for child, cfqn in rec["children"].items():
+            m._modules[child] = None if cfqn is None else built[cfqn]
+    return built[""]
