@@ -310,3 +310,78 @@ def test_import_without_triton(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     print(res.stdout, res.stderr)
     assert res.returncode == 0 and "needs triton" in res.stdout
+
+
+# ----------------------------------------------------------------- whole prune() on both backends
+class _ConvKinds(torch.nn.Module):
+    """3x3, 1x1, strided and dilated conv consumers, then a Linear after global pooling."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 1)                         # 1x1 consumer of c1
+        self.c3 = nn.Conv2d(8, 10, 3, stride=2, padding=1)   # strided consumer of c2
+        self.c4 = nn.Conv2d(10, 10, 3, padding=2, dilation=2)  # dilated consumer of c3
+        self.c5 = nn.Conv2d(10, 9, 3, padding=1)             # 3x3 consumer of c4
+        self.fc = nn.Linear(9, 5)                            # Linear after global pooling
+
+    def forward(self, x):
+        for c in (self.c1, self.c2, self.c3, self.c4, self.c5):
+            x = torch.relu(c(x))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _FlatLinear(torch.nn.Module):
+    """A Linear after flatten (4 taps per channel), a Linear -> Linear pair, and a
+    Linear on tokens that find_units must refuse."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.c1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(6, 7, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(7 * 2 * 2, 12)
+        self.fc2 = nn.Linear(12, 4)
+        self.tok = nn.Linear(6, 6)   # reads (N, L, 6) tokens of c1's output
+        self.tok2 = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        t = self.tok2(torch.relu(self.tok(y.flatten(2).transpose(1, 2)))).mean(1)
+        z = torch.relu(self.c2(y.detach() * 1.0))
+        return self.fc2(torch.relu(self.fc1(torch.flatten(z, 1)))) + t.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("model_cls", [_ConvKinds, _FlatLinear], ids=["conv-kinds", "flatten-linear"])
+@pytest.mark.parametrize("statistics", ["sampled", "full", "direct", "auto"])
+def test_prune_same_model_on_triton_and_torch(model_cls, statistics):
+    import thinet_fast as tf
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(6, 3, 8, 8, generator=g) for _ in range(2)]
+    kw = dict(keep=0.5, num_images=12, samples_per_image=4, progress=False, statistics=statistics,
+              reconstruction="full", bias_compensation=True, schedule="sequential", seed=3)
+    a = tf.prune(model, data, backend="torch", **kw)
+    b = tf.prune(model, data, backend="triton", **kw)
+    used = {u["producer"]: u["statistics_backend"] for u in b.report.units}
+    print(used)
+    assert [u["producer"] for u in a.report.units] == [u["producer"] for u in b.report.units]
+    if statistics != "direct":  # the Triton kernels ran (no direct-mode kernel: torch, and the report says so)
+        assert "triton" in used.values()
+    else:
+        assert set(used.values()) == {"torch"}
+    if model_cls is _FlatLinear:  # tokens are refused by find_units itself, the same on both paths
+        refused = {r.producer: r.reason for r in a.plan.refused}
+        assert "tok" in refused and "tokens" in refused["tok"], refused
+    for ua, ub in zip(a.report.units, b.report.units):
+        assert ua["kept"] == ub["kept"]
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    worst = 0.0
+    for k in sa:
+        assert sa[k].shape == sb[k].shape, k
+        if sa[k].is_floating_point():
+            worst = max(worst, float((sa[k] - sb[k]).abs().max() / sa[k].abs().max().clamp_min(1e-12)))
+    print(f"{model_cls.__name__} {statistics}: max relative weight difference {worst:.2e}")
+    assert worst < 1e-4

@@ -28,6 +28,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .ops.patches import ConsumerGeometry, UnsupportedConsumer
+
 __all__ = [
     "Unit",
     "Refusal",
@@ -507,6 +509,7 @@ def _walk(gm: fx.GraphModule, start: fx.Node, c: int, kind: str, call_counts: di
                 _check_single_call(fqn, call_counts, "consumer")
                 if m.in_channels != c:
                     raise _Refuse(f"{where} has in_channels={m.in_channels} but the producer has {c} channels")
+                _geometry(m, where)
                 ks = tuple(m.kernel_size)
                 ops.append(fqn)
                 return Unit(
@@ -520,6 +523,9 @@ def _walk(gm: fx.GraphModule, start: fx.Node, c: int, kind: str, call_counts: di
                 if st.cdim != st.ndim - 1:
                     raise _Refuse(f"{where} reads the last dim of a {st.ndim}-D tensor whose channels are dim "
                                   f"{st.cdim}; flatten or pool first")
+                if st.ndim != 2:
+                    raise _Refuse(f"{where} reads a {st.ndim}-D input {tuple(in_shape)} (tokens or channels-last); "
+                                  "only (N, features) Linear inputs are supported")
                 _check_single_call(fqn, call_counts, "consumer")
                 if m.in_features != c * st.taps:
                     raise _Refuse(f"{where} has in_features={m.in_features}, expected C*t = {c}*{st.taps}")
@@ -604,6 +610,13 @@ def _coupling_kind(u: fx.Node) -> str:
     if name in ("add", "add_", "iadd", "sub", "sub_", "isub"):
         return "add"
     return "other"
+
+
+def _geometry(m: nn.Module, where: str):
+    try:
+        return ConsumerGeometry.from_module(m)
+    except UnsupportedConsumer as exc:
+        raise _Refuse(f"{where}: {exc}") from None
 
 
 def _check_single_call(fqn: str, call_counts: dict[str, int], role: str) -> None:

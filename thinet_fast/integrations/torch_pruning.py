@@ -57,7 +57,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by a test that hides
 
 from ..ops.dispatch import BACKEND_NAMES
 from ..ops.greedy import greedy_keep_ls, greedy_remove
-from ..ops.patches import ConsumerGeometry
+from ..ops.patches import ConsumerGeometry, UnsupportedConsumer
 from ..ops.stats import MODES
 from ..pipeline.collect import StatsSpec, feed, iter_batches, model_device, reduce_accumulators
 from ..pipeline.decide import selection_backend
@@ -115,22 +115,10 @@ def _root_idxs(item) -> list:
 
 
 def _conv_geometry(module: nn.Conv2d, name: str) -> ConsumerGeometry:
-    if module.padding_mode != "zeros":
-        raise UnsupportedGroupError(
-            f"consumer `{name}` uses padding_mode={module.padding_mode!r}; thinet_fast's patch statistics "
-            "assume zero padding. Add its producer(s) to ignored_layers.")
-    padding = module.padding
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        else:  # "same": symmetric only when the total padding is even and the stride is 1
-            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-            if any(s != 1 for s in module.stride) or any(p % 2 for p in total):
-                raise UnsupportedGroupError(
-                    f"consumer `{name}` uses padding='same' with an asymmetric padding; "
-                    "build it with explicit integer padding or add its producer(s) to ignored_layers.")
-            padding = tuple(p // 2 for p in total)
-    return ConsumerGeometry.conv(module.kernel_size, module.stride, padding, module.dilation)
+    try:
+        return ConsumerGeometry.from_module(module)
+    except UnsupportedConsumer as exc:
+        raise UnsupportedGroupError(f"consumer `{name}`: {exc}. Add its producer(s) to ignored_layers.") from exc
 
 
 def _linear_link(module: nn.Linear, name: str, pairs: list[tuple[int, int]], pos: dict) -> tuple[_Consumer, list, list]:

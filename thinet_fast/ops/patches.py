@@ -24,6 +24,10 @@ def _pair(v) -> tuple[int, int]:
     return v
 
 
+class UnsupportedConsumer(ValueError):
+    """A consumer whose input patches the statistics cannot gather (the message says why)."""
+
+
 @dataclass(frozen=True)
 class ConsumerGeometry:
     """How the consumer reads its C input channels."""
@@ -47,6 +51,38 @@ class ConsumerGeometry:
         return cls(kernel_size, stride, padding, dilation, linear=False)
 
     @classmethod
+    def from_module(cls, module, taps: int = 1) -> "ConsumerGeometry":
+        """The geometry of a Conv2d-like (``kernel_size``, ``stride``, ``padding``,
+        ``dilation``, ``padding_mode``) or Linear-like (``in_features``; ``taps`` features
+        per channel) consumer. Raises :class:`UnsupportedConsumer` with the reason when
+        its patches are not what the statistics gather: non-zero padding modes, an
+        asymmetric ``padding="same"``, convs other than 2-D."""
+        if hasattr(module, "kernel_size"):
+            ks = tuple(module.kernel_size)
+            if len(ks) != 2:
+                raise UnsupportedConsumer(f"a {len(ks)}-D convolution; only 2-D convs are supported")
+            mode = getattr(module, "padding_mode", "zeros")
+            padding = module.padding
+            if mode != "zeros" and (padding == "valid" or (not isinstance(padding, str) and not any(padding))):
+                mode = "zeros"  # no padding at all: the mode never applies
+            if mode != "zeros":
+                raise UnsupportedConsumer(f"padding_mode={mode!r}; the patch statistics gather zero-padded "
+                                          "patches only")
+            if isinstance(padding, str):
+                if padding == "valid":
+                    padding = (0, 0)
+                else:  # "same": symmetric only when each total padding is even (stride is 1 then)
+                    total = [d * (k - 1) for d, k in zip(module.dilation, ks)]
+                    if any(p % 2 for p in total):
+                        raise UnsupportedConsumer(f"padding='same' with kernel {ks} and dilation "
+                                                  f"{tuple(module.dilation)} pads asymmetrically")
+                    padding = tuple(p // 2 for p in total)
+            return cls.conv(ks, module.stride, padding, module.dilation)
+        if hasattr(module, "in_features"):
+            return cls.dense(taps)
+        raise UnsupportedConsumer(f"a {type(module).__name__} is neither a Conv2d nor a Linear")
+
+    @classmethod
     def dense(cls, taps: int = 1) -> "ConsumerGeometry":
         """A Linear consumer with ``taps`` input features per channel."""
         return cls((int(taps), 1), 1, 0, 1, linear=True)
@@ -58,6 +94,8 @@ class ConsumerGeometry:
     def as_map(self, x: torch.Tensor) -> torch.Tensor:
         """The consumer input as an (N, C, H, W) map."""
         if self.linear:
+            if x.dim() == 4 and tuple(x.shape[2:]) == (self.taps, 1):
+                return x  # already a map: as_map is idempotent (the accumulator maps before the kernels)
             if x.dim() != 2 or x.shape[1] % self.taps:
                 raise ValueError(f"a Linear consumer with {self.taps} taps per channel needs (N, C*{self.taps}) input; got {tuple(x.shape)}")
             return x.reshape(x.shape[0], x.shape[1] // self.taps, self.taps, 1)

@@ -177,15 +177,11 @@ class StatsAccumulator:
             self._state["cov_rows"] = []
             self._state["cov_held"] = []   # which buffered rows are held out
             self._state["folded"] = False  # True once P holds rows: then not every patch is kept
-        requested = self.backend
-        self.backend = dispatch.choose(requested, dev, STATS_BACKENDS, "statistics")
+        self.backend = dispatch.choose(self.backend, dev, STATS_BACKENDS, "statistics")
         if self.backend == "triton" and (self.dtype != torch.float32 or self.mode == "direct"):
-            # the Triton kernels accumulate in float32 and have no direct mode
-            if requested == "auto":
-                self.backend = "torch"
-            else:
-                raise ValueError(f"backend='triton' runs float32 sampled/full statistics; got dtype={self.dtype}, "
-                                 f"mode={self.mode!r}: use dtype=torch.float32 and another mode, or backend='torch'")
+            # the Triton kernels accumulate in float32 and have no direct mode: this unit's
+            # statistics run on torch, and its ``backend`` (reported per unit) says so
+            self.backend = "torch"
 
     @property
     def channels(self) -> int:

@@ -100,11 +100,10 @@ def _rank_offset() -> int:
 
 
 def consumer_geometry(consumer: nn.Module, unit: Unit) -> ConsumerGeometry:
-    if isinstance(consumer, nn.Conv2d):
-        return ConsumerGeometry.conv(consumer.kernel_size, consumer.stride, consumer.padding, consumer.dilation)
-    if isinstance(consumer, nn.Linear):
-        return ConsumerGeometry.dense(unit.taps)
-    raise TypeError(f"consumer {unit.consumer!r} is a {type(consumer).__name__}; expected Conv2d or Linear")
+    try:
+        return ConsumerGeometry.from_module(consumer, unit.taps)
+    except ValueError as exc:
+        raise TypeError(f"consumer {unit.consumer!r}: {exc}") from exc
 
 
 def iter_batches(data, num_images: int, device) -> Iterable[torch.Tensor]:
