@@ -244,6 +244,7 @@ def greedy_keep_ls(gram, n_keep, return_weights: bool = False, *, sizes=None,
     batch) and, if asked, the float64 least-squares scales of the final set.
     """
     G, sizes_t, n_t, layout = prepare_batch(gram, n_keep, sizes, what="n_keep")
+    _check_psd(G, sizes_t)
     name = dispatch.choose(backend, G.device, KEEP_LS_BACKENDS, "greedy_keep_ls")
     keep, weights = _keep_ls_impl(name)(G, sizes_t, n_t, ridge)
     keep = _shape_out(keep, n_t, layout)
@@ -253,14 +254,39 @@ def greedy_keep_ls(gram, n_keep, return_weights: bool = False, *, sizes=None,
 def greedy_keep_ls_ref(gram, n_keep, return_weights: bool = False, *, sizes=None, ridge: float = DEFAULT_RIDGE):
     """Pure-torch reference of :func:`greedy_keep_ls` (same arguments, no backend)."""
     G, sizes_t, n_t, layout = prepare_batch(gram, n_keep, sizes, what="n_keep")
+    _check_psd(G, sizes_t)
     keep, weights = _greedy_keep_ls_core_ref(G, sizes_t, n_t, ridge)
     keep = _shape_out(keep, n_t, layout)
     return (keep, _shape_out(weights, n_t, layout)) if return_weights else keep
 
 
+def _check_psd(G: torch.Tensor, sizes: torch.Tensor, rel: float = 1e-5) -> None:
+    """Refuse a Gram that is not positive semi-definite up to float error (a Cholesky of
+    G + rel·max(diag)·I fails): least squares on it gives ±inf weights."""
+    for b in range(G.shape[0]):
+        n = int(sizes[b])
+        g = G[b, :n, :n].double()
+        d = g.diagonal()
+        if not bool(torch.isfinite(g).all()) or bool((d < 0).any()):
+            raise ValueError(f"gram[{b}] has non-finite or negative diagonal entries; it is not a Gram matrix")
+        if not torch.allclose(g, g.T, rtol=1e-4, atol=rel * float(d.max().clamp_min(1e-300))):
+            raise ValueError(f"gram[{b}] is not symmetric; pass G = XᵀX")
+        _, info = torch.linalg.cholesky_ex(g + rel * float(d.max().clamp_min(1e-300)) * torch.eye(n, dtype=g.dtype, device=g.device))
+        if int(info):
+            raise ValueError(f"gram[{b}] is not positive semi-definite (a Cholesky of G + {rel:g}·max(diag)·I "
+                             "fails); pass G = XᵀX, e.g. from thinet_fast.collect_statistics")
+
+
 def removal_to_keep(order: torch.Tensor, C: int, n_keep: int) -> torch.Tensor:
     """Sorted kept indices given a full-enough removal order."""
+    if not 0 <= n_keep <= C:
+        raise ValueError(f"n_keep={n_keep} must lie in [0, C={C}]")
     n_remove = C - n_keep
+    if bool((order[:n_remove] < 0).any()) or bool((order[:n_remove] >= C).any()):
+        raise ValueError(f"the removal order holds indices outside [0, {C}) (padded -1 rows of a batched "
+                         "result?); pass the order of this problem only")
+    if order[:n_remove].unique().numel() != min(n_remove, order.numel()):
+        raise ValueError("the removal order repeats a channel")
     if order.numel() < n_remove:
         raise ValueError(f"the removal order has {order.numel()} entries; {n_remove} are needed to keep {n_keep} of {C}")
     mask = torch.ones(C, dtype=torch.bool, device=order.device)

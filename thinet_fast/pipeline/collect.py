@@ -111,6 +111,11 @@ def iter_batches(data, num_images: int, device) -> Iterable[torch.Tensor]:
     (input, ...) tuples), cut to ``num_images`` images in all."""
     if isinstance(data, torch.Tensor):
         data = [data]
+    try:
+        data = iter(data)
+    except TypeError:
+        raise TypeError(f"data must be a DataLoader, a list of batches or a tensor; got a {type(data).__name__}, "
+                        "which is not iterable") from None
     seen = 0
     for batch in data:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -118,9 +123,11 @@ def iter_batches(data, num_images: int, device) -> Iterable[torch.Tensor]:
             raise TypeError("dict batches are not supported; pass an iterable of tensors or (input, target) tuples")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"a batch must be a tensor or a tuple whose first item is the input tensor; got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError("a batch is a 0-d tensor; batches need a leading batch dimension (N, ...)")
         x = x[: num_images - seen]
         if x.shape[0] == 0:
-            break
+            continue  # an empty batch (e.g. a filtered shard): the next ones still count
         seen += x.shape[0]
         yield x.to(device, non_blocking=True)
         if seen >= num_images:

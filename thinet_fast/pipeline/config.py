@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -116,10 +117,19 @@ class PruneConfig:
             if not 0.0 < float(self.keep) <= 1.0:
                 raise ValueError(f"keep={self.keep} must lie in (0, 1]")
             self.keep = float(self.keep)  # a global keep is always a fraction (keep=1 means all)
-        if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
-            raise ValueError(f"num_images must be >= 1; got {self.num_images}")
-        if self.samples_per_image is not None and self.samples_per_image < 1:
-            raise ValueError(f"samples_per_image must be >= 1 or None; got {self.samples_per_image}")
+        _int("num_images", self.num_images, 1)
+        if self.samples_per_image is not None:
+            _int("samples_per_image", self.samples_per_image, 1, "or None (every location)")
+        _int("seed", self.seed, None)
+        if self.units is not None:
+            if isinstance(self.units, str) or not isinstance(self.units, (list, tuple)):
+                raise TypeError(f"units must be a list of producer module names (strings); got "
+                                f"{type(self.units).__name__}{' (wrap one name in a list)' if isinstance(self.units, str) else ''}")
+            bad = [u for u in self.units if not isinstance(u, str)]
+            if bad:
+                raise TypeError(f"units must hold module names (strings, e.g. 'features.0'); got {bad[:3]!r}")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError(f"filter_fn must be a callable filter_fn(module, fqn) -> bool; got {type(self.filter_fn).__name__}")
         if self.units is not None and self.filter_fn is not None:
             raise ValueError("pass units= or filter_fn=, not both")
         if self.finetune is not None and not callable(self.finetune):
@@ -134,8 +144,12 @@ class PruneConfig:
             raise ValueError(f"replay_memory must be None (auto), 0 (off) or a byte count >= 0; got {self.replay_memory!r}")
         if self.stats_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"stats_dtype must be torch.float32 or torch.float64; got {self.stats_dtype}")
-        if not self.ridge >= 0:
-            raise ValueError(f"ridge must be >= 0; got {self.ridge}")
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not math.isfinite(self.ridge) \
+                or self.ridge < 0:
+            raise ValueError(f"ridge must be a finite number >= 0; got {self.ridge!r}")
+        for name in ("bias_compensation", "bn_recalibration", "inplace", "progress"):
+            if hasattr(self, name) and not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0 or \
                 self.holdout == 1:
             raise ValueError(f"holdout must be 0 (none) or an int >= 2 (every n-th image held out); got {self.holdout!r}")
@@ -155,6 +169,14 @@ class PruneConfig:
         out["keep"] = dict(self.keep) if isinstance(self.keep, Mapping) else self.keep
         out["stats_dtype"] = str(self.stats_dtype)
         return out
+
+
+def _int(name, v, low, extra=""):
+    """An int option (not a bool, not a float) of at least ``low``."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int{' ' + extra if extra else ''}; got {type(v).__name__} {v!r}")
+    if low is not None and v < low:
+        raise ValueError(f"{name} must be >= {low}{' ' + extra if extra else ''}; got {v}")
 
 
 def _check_keep(v, name):

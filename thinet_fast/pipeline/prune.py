@@ -46,11 +46,23 @@ def _config(config: PruneConfig | None, options: dict) -> PruneConfig:
     return PruneConfig(**options)
 
 
-def _example_input(data, device) -> torch.Tensor:
-    if not isinstance(data, torch.Tensor) and iter(data) is data:
-        raise TypeError("data is a one-pass iterator; pass a DataLoader, a list of batches or a tensor "
-                        "(statistics are collected in several passes)")
-    return next(iter(iter_batches(data, 1, device)))
+def _example_input(data, device, model: nn.Module) -> torch.Tensor:
+    if not isinstance(data, torch.Tensor):
+        try:
+            one_pass = iter(data) is data
+        except TypeError:
+            raise TypeError(f"data must be a DataLoader, a list of batches or a tensor; got a "
+                            f"{type(data).__name__}, which is not iterable") from None
+        if one_pass:
+            raise TypeError("data is a one-pass iterator; pass a DataLoader, a list of batches or a tensor "
+                            "(statistics are collected in several passes)")
+    x = next(iter(iter_batches(data, 1, device)))
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear))), None)
+    if isinstance(first, nn.Conv2d) and x.dim() == 3:
+        raise ValueError(f"the model starts with a Conv2d, so a batch must be (N, C, H, W); got a {x.dim()}-D batch "
+                         f"{tuple(x.shape)}. Add the batch dimension (x.unsqueeze(0)) or the channel one "
+                         "(x.unsqueeze(1)); a 3-D tensor would be taken as one image")
+    return x
 
 
 def _plan_keeps(plan: UnitPlan, cfg: PruneConfig, preset) -> dict[str, int]:
@@ -99,9 +111,15 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
     if cfg.preset is not None:
         from ..presets import get_preset
         preset = get_preset(cfg.preset)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ValueError(f"the model has meta tensors (no data), e.g. {meta[0]!r}; load its weights first "
+                         "(statistics need real activations)")
     device = torch.device(cfg.device) if cfg.device is not None else model_device(model)
     timer = Timings(device)
-    example = _example_input(data, device)
+    example = _example_input(data, device, model)
     # always work on a copy: a failure half way leaves the caller's model whole
     work = copy.deepcopy(model).to(device)
 
