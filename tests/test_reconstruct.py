@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from thinet_fast.ops.draws import keyed_locations, position_keys
 import torch.nn.functional as F
 
 from thinet_fast.ops.patches import ConsumerGeometry
@@ -169,14 +171,13 @@ def test_bias_compensation_preserves_the_mean_output_all_positions():
 
 def test_bias_compensation_on_sampled_patches():
     """Sampled statistics: μ is the mean of the sampled patches, so E[y] is kept over
-    exactly those positions (replayed from the seeded generator)."""
+    exactly those positions (drawn again from the same keys: the images' positions)."""
     cons = Consumer(seed=7)
     L, seed = 5, 21
     stats = cons.stats(mode="sampled", samples_per_image=L, seed=seed)
-    g = torch.Generator().manual_seed(seed)
     N = cons.x.shape[0]
-    img = torch.arange(N).repeat_interleave(L)
-    pos = torch.randint(49, (N * L,), generator=g)
+    img, oy, ox = keyed_locations(position_keys(torch.arange(N)), seed, (7, 7), L)
+    pos = oy * 7 + ox
     keep = [4, 2, 7]
     Wn = cons.weight[:, keep] * ls_scale(stats.gram, keep)[None, :, None, None]
     b_new = bias_compensation(cons.weight, Wn, keep, stats.mean, cons.bias)

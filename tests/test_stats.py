@@ -18,6 +18,7 @@ from thinet_fast.ops.gram import (
     patch_moments, patch_moments_ref,
     sampled_gram, sampled_gram_ref,
 )
+from thinet_fast.ops.draws import image_keys, keyed, keyed_locations, position_keys
 from thinet_fast.ops.patches import ConsumerGeometry, gather_patches, gather_patches_ref, sample_locations
 from thinet_fast.ops.stats import MAX_COV_DIM, StatsAccumulator, choose_mode
 
@@ -82,24 +83,26 @@ class Case:
 
 
 def replay(seed, case: Case, per_image, mode, R=None):
-    """The accumulator's draws, replayed from the same seeded CPU generator: per batch,
-    per_image positions per image (with replacement), then one output per sample
-    (sampled) or R per sample (direct)."""
-    g = torch.Generator().manual_seed(seed)
+    """The accumulator's draws, made again from the same keys (fed without image keys,
+    an image's key comes from its position in the stream): per image, per_image
+    positions (with replacement), then one output per sample (sampled) or R (direct)."""
     L = case.n_locations()
-    out = []
+    out, seen = [], 0
     for x in case.batches:
         N = x.shape[0]
+        keys = position_keys(seen + torch.arange(N))
+        seen += N
         if per_image is None:
             img, pos = torch.arange(N).repeat_interleave(L), torch.arange(L).repeat(N)
         else:
             img = torch.arange(N).repeat_interleave(per_image)
-            pos = torch.randint(L, (N * per_image,), generator=g)
+            pos = (keyed(keys, seed, "location", per_image) % L).reshape(-1)
+        per = img.numel() // N
         k = None
         if mode == "sampled":
-            k = torch.randint(case.K, (img.numel(),), generator=g)
+            k = (keyed(keys, seed, "output", per) % case.K).reshape(-1)
         elif mode == "direct" and R is not None:
-            k = torch.randint(case.K, (img.numel(), R), generator=g)
+            k = (keyed(keys, seed, "outputs", per * R) % case.K).reshape(-1, R)
         out.append((img, pos, k))
     return out
 

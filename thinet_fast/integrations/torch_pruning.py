@@ -57,6 +57,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by a test that hides
 
 from ..ops.dispatch import BACKEND_NAMES
 from ..ops.greedy import greedy_keep_ls, greedy_remove
+from ..ops.draws import position_keys
 from ..ops.patches import ConsumerGeometry, UnsupportedConsumer
 from ..ops.stats import MODES
 from ..pipeline.collect import StatsSpec, feed, iter_batches, model_device, reduce_accumulators
@@ -448,8 +449,12 @@ class ThiNetImportance(tp.importance.Importance):
 
 
 def _tokens_as_samples(update):
-    def sink(x):  # a Linear on tokens: every position is a sample
-        update(x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x)
+    def sink(x, keys):  # a Linear on tokens: every position is a sample, keyed by image and position
+        if x.dim() > 2:
+            L = x.numel() // (x.shape[0] * x.shape[-1])
+            keys = position_keys(keys.repeat_interleave(L) * 1_000_003 + torch.arange(L).repeat(x.shape[0]))
+            x = x.reshape(-1, x.shape[-1])
+        update(x, keys)
     return sink
 
 

@@ -6,7 +6,7 @@ the per-channel zero counts (APoZ) and, in ``full`` mode, the patch covariance P
 Accumulators with the same settings add (``merge``/``+``); ``tensors()`` lists the
 buffers a distributed all-reduce sums.
 
-Every ``holdout_every``-th image also goes to a held-out fold (its Gram, and its
+About one image in ``holdout_every`` (by its key) also goes to a held-out fold (its Gram, and its
 patches where P is kept, up to ``holdout_max`` samples): the totals include it, and a
 reconstruction fitted on the rest can be scored on images it never saw (DESIGN §5).
 
@@ -25,7 +25,8 @@ import torch
 from . import dispatch
 from .gram import (add_upper_gram_, direct_gram, gram_from_covs, mirror_upper_, patch_moments, patch_sum,
                    sampled_gram)
-from .patches import ConsumerGeometry, gather_patches, sample_locations
+from .draws import keyed, keyed_locations, position_keys
+from .patches import ConsumerGeometry, gather_patches
 
 __all__ = ["Statistics", "HeldOut", "StatsAccumulator", "choose_mode", "MODES", "HOLDOUT_EVERY"]
 
@@ -111,16 +112,19 @@ class StatsAccumulator:
             For a Linear consumer there is one location per image; ``sampled`` mode
             still draws L outputs per image.
         outputs_per_sample: ``direct`` mode: R random outputs per sample, None = all K.
-        seed: samples are drawn from a CPU generator with this seed, so the same data
-            in the same order gives the same statistics on every device.
+        seed: every random draw is a hash of the seed and the image's key
+            (:mod:`thinet_fast.ops.draws`), so the same images give the same statistics
+            on every device, batching and number of processes.
         dtype: accumulation dtype (float32 or float64).
         with_cov: also keep the patch covariance P in ``sampled``/``direct`` mode (the
             ``full`` reconstruction needs it).
         count_zeros: count zero inputs per channel (APoZ); it reads the whole input.
-        holdout_every: every n-th image (by arrival order) is also kept apart as the
-            held-out fold; 0 = none.
+        holdout_every: about one image in n (chosen by its key) is also kept apart
+            as the held-out fold; 0 = none.
         holdout_max: at most this many held-out samples (None: as many as fit in 64 MiB,
             at least 256); images past it join only the totals.
+        fold_seed: seeds the held-out choice (None: ``seed``); accumulators with one
+            fold seed hold out the same images.
     """
 
     kernel: torch.Tensor
@@ -135,8 +139,8 @@ class StatsAccumulator:
     count_zeros: bool = True
     holdout_every: int = HOLDOUT_EVERY
     holdout_max: int | None = None
+    fold_seed: int | None = None
     images_seen: int = 0
-    _gen: torch.Generator = field(init=False, repr=False)
     _state: dict = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -158,7 +162,6 @@ class StatsAccumulator:
         K, C = self.kernel.shape[:2]
         t = self.geometry.taps
         dev = self.kernel.device
-        self._gen = torch.Generator().manual_seed(int(self.seed))
         self._state = {
             "gram": torch.zeros(C, C, dtype=self.dtype, device=dev),
             "patch_sum": torch.zeros(C * t, dtype=self.dtype, device=dev),
@@ -192,8 +195,10 @@ class StatsAccumulator:
         return self.mode == "full" or self.with_cov
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Add one batch of the consumer's input."""
+    def update(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> None:
+        """Add one batch of the consumer's input. ``keys`` (N,) keys its images'
+        random draws (:func:`thinet_fast.ops.draws.image_keys` of the images the batch
+        came from); without them, the images' positions in this accumulator's stream."""
         x = self.geometry.as_map(x.detach())
         if x.shape[1] != self.channels:
             raise ValueError(f"consumer input has {x.shape[1]} channels; the consumer weight expects {self.channels}")
@@ -205,12 +210,16 @@ class StatsAccumulator:
             st["elements"] += N * x.shape[2] * x.shape[3]
         # a Linear has one location: only sampled mode repeats it (with other outputs)
         per_image = None if (self.geometry.linear and self.mode != "sampled") else self.samples_per_image
-        img, oy, ox = sample_locations(self._gen, N, (oh, ow), per_image)
+        if keys is None:
+            keys = position_keys(self.images_seen + torch.arange(N))
+        elif keys.numel() != N:
+            raise ValueError(f"keys has {keys.numel()} entries for a batch of {N}")
+        img, oy, ox = keyed_locations(keys, self.seed, (oh, ow), per_image)
         S = img.numel()
-        hs = self._held_images(N, S // N)[img]  # held-out samples, by their image
+        hs = self._held_images(keys, S // N)[img]  # held-out samples, by their image
         held = (img[hs], oy[hs], ox[hs]) if bool(hs.any()) else None
         if self.mode == "sampled":
-            k = torch.randint(self.kernel.shape[0], (S,), generator=self._gen)
+            k = (keyed(keys, self.seed, "output", S // N) % self.kernel.shape[0]).reshape(-1)
             st["gram"] += sampled_gram(x, self.kernel, self.geometry, img, oy, ox, k,
                                        acc_dtype=self.dtype, backend=self.backend)
             st["count"] += S
@@ -224,7 +233,8 @@ class StatsAccumulator:
                 st["held_count"] += held[0].numel() * self.kernel.shape[0]
         else:
             R = self.outputs_per_sample
-            k = None if R is None else torch.randint(self.kernel.shape[0], (S, R), generator=self._gen)
+            k = None if R is None else (keyed(keys, self.seed, "outputs", (S // N) * R)
+                                        % self.kernel.shape[0]).reshape(S, R)
             st["gram"] += direct_gram(x, self.kernel, self.geometry, img, oy, ox, k,
                                       acc_dtype=self.dtype)
             st["count"] += S * (self.kernel.shape[0] if R is None else R)
@@ -271,14 +281,14 @@ class StatsAccumulator:
             st["cov_rows"], st["cov_held"], st["folded"] = [], [], True
         return mirror_upper_(P) if mirror else P
 
-    def _held_images(self, n: int, per_image: int) -> torch.Tensor:
-        """(n,) bool: which images of this batch join the held-out fold."""
-        mask = torch.zeros(n, dtype=torch.bool)
+    def _held_images(self, keys: torch.Tensor, per_image: int) -> torch.Tensor:
+        """(n,) bool: which images of this batch join the held-out fold (about one in
+        ``holdout_every``, chosen by their keys)."""
         if not self.holdout_every:
-            return mask
+            return torch.zeros(keys.numel(), dtype=torch.bool)
         st = self._state
-        index = self.images_seen + torch.arange(n)
-        mask = (index % self.holdout_every) == self.holdout_every - 1
+        seed = self.seed if self.fold_seed is None else self.fold_seed
+        mask = keyed(keys, seed, "holdout", 1)[:, 0] % self.holdout_every == 0
         room = max(0, (self.holdout_max - st["held_samples"]) // max(per_image, 1))
         mask &= mask.cumsum(0) <= room
         st["held_images"] += int(mask.sum())
@@ -340,7 +350,7 @@ class StatsAccumulator:
     def __add__(self, other: "StatsAccumulator") -> "StatsAccumulator":
         out = StatsAccumulator(self.kernel, self.geometry, self.mode, self.samples_per_image,
                                self.outputs_per_sample, self.seed, self.dtype, self.backend, self.with_cov,
-                               self.count_zeros, self.holdout_every, self.holdout_max)
+                               self.count_zeros, self.holdout_every, self.holdout_max, self.fold_seed)
         return out.merge(self).merge(other)
 
     def result(self, *, release: bool = False) -> Statistics:

@@ -37,7 +37,7 @@ def _flops_with(model: nn.Module, units: list[Unit], keep: dict[str, int], examp
 
 
 def allocate_flops(model: nn.Module, units: list[Unit], stats: dict[str, Statistics], example: torch.Tensor, *,
-                   flops_target: float, min_keep: float, backend: str = "auto", rounds: int = 6):
+                   flops_target: float, min_keep: float, backend: str = "auto", rounds: int = 24):
     """Keep counts that bring the model to ``flops_target`` × its FLOPs with the least
     summed relative ThiNet error, from the unpruned model's statistics ``stats``
     (producer fqn -> Statistics). Returns (keep dict, achieved FLOPs fraction, note)."""
@@ -60,7 +60,8 @@ def allocate_flops(model: nn.Module, units: list[Unit], stats: dict[str, Statist
         short = achieved - flops_target * total
         if short <= 0:
             break
-        target += short
+        # past what this allocation already saves by the estimate: at least one more channel
+        target = max(target + short, sum(c * r for c, r in zip(costs, removed)) + min(costs) * 0.5)
     frac = achieved / total
     note = (f"FLOPs budget {flops_target:.3f}: kept {frac:.3f} of {total / 1e6:.2f}M FLOPs "
             f"(min_keep {min_keep}); per-unit keep allocated from the greedy error curves")

@@ -11,19 +11,28 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..modes import preserved_modes
+from ..ops.draws import image_keys
 from ..ops.patches import ConsumerGeometry
 from ..ops.stats import MAX_COV_DIM, STATS_BACKENDS, Statistics, StatsAccumulator, choose_mode
 from ..segments import batch_size
 from ..units import Unit, get_module
 
-Sink = Callable[[torch.Tensor], None]
+Sink = Callable[[torch.Tensor, torch.Tensor], None]  # (consumer input, image keys)
+
+
+class Keyed(NamedTuple):
+    """A batch that is not the images themselves (replayed activations), with the keys
+    of the images it came from (:func:`thinet_fast.ops.draws.image_keys`)."""
+
+    value: Any
+    keys: torch.Tensor
 
 
 class StopForward(Exception):
@@ -81,7 +90,7 @@ class StatsSpec:
         return choose_mode(channels, taps) if self.statistics == "auto" else self.statistics
 
     def seed_for(self, index: int) -> int:
-        return self.seed * 1_000_003 + index + _rank_offset()
+        return self.seed * 1_000_003 + index
 
     def accumulator(self, weight: torch.Tensor, geometry: ConsumerGeometry, *, channels: int,
                     index: int = 0) -> StatsAccumulator:
@@ -90,13 +99,7 @@ class StatsSpec:
             weight, geometry, mode=mode, samples_per_image=self.samples_per_image, seed=self.seed_for(index),
             dtype=self.dtype, backend=self.backend,
             with_cov=self.with_cov and mode != "full" and channels * geometry.taps <= MAX_COV_DIM,
-            count_zeros=self.count_zeros, holdout_every=self.holdout)
-
-
-def _rank_offset() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return 7919 * torch.distributed.get_rank()
-    return 0
+            count_zeros=self.count_zeros, holdout_every=self.holdout, fold_seed=self.seed)
 
 
 def consumer_geometry(consumer: nn.Module, unit: Unit) -> ConsumerGeometry:
@@ -161,10 +164,12 @@ def feed(model: nn.Module, sinks: Mapping[nn.Module, list[Sink]], batches: Itera
     forward = model if forward is None else forward
     wanted, seen, handles = set(map(id, sinks)), set(), []
 
+    current = {}  # this batch's image keys, for every hook
+
     def make_hook(module, targets):
         def hook(_, args):
             for sink in targets:
-                sink(args[0])
+                sink(args[0], current["keys"])
             seen.add(id(module))
             if stop_early and seen >= wanted:
                 raise StopForward
@@ -176,6 +181,7 @@ def feed(model: nn.Module, sinks: Mapping[nn.Module, list[Sink]], batches: Itera
             handles.append(module.register_forward_pre_hook(make_hook(module, targets)))
         with preserved_modes(model, train=False):
             for x in batches:
+                x, current["keys"] = (x.value, x.keys) if isinstance(x, Keyed) else (x, image_keys(x))
                 seen.clear()
                 try:
                     forward(x)

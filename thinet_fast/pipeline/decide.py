@@ -170,6 +170,13 @@ def _reconstruct(unit: Unit, stats: Statistics, held, W: torch.Tensor, keep: tor
     mean = stats.mean if bias_compensation else None
     count = stats.patch_count if bias_compensation else None
     Z = held.patches if held is not None else None
+    if (Z is None or not 0 < Z.shape[0] < stats.patch_count) and samples < 2 * unknowns:
+        # no held-out images to choose a ridge on, and barely more samples than unknowns
+        # (or fewer): a full refit would (nearly) interpolate them, so the scale fit it is
+        notes.append(f"used scale: a full refit from {samples} samples for {unknowns} unknowns needs "
+                     "held-out images (none were drawn) or twice as many samples")
+        w = reconstruct.ls_scale(G, keep, ridge=r_scale)
+        return scaled(w), float(reconstruct.scale_error(G, keep, w)), "scale", r_scale, 0
     if Z is None or not 0 < Z.shape[0] < stats.patch_count:
         cov = stats.covariance()
         Wn = reconstruct.refit_full(W, cov, keep, mean=mean, count=count, ridge=ridge).to(W.device)

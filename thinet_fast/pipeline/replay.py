@@ -11,14 +11,15 @@ that state, the state just before the producer is cached instead. The cache is b
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..ops.draws import image_keys
 from ..segments import Segments, State
 from ..units import Unit
-from .collect import iter_batches
+from .collect import Keyed, iter_batches
 
 MB = 1 << 20
 
@@ -53,6 +54,7 @@ def default_budgets(device: torch.device, host_budget: int | None) -> tuple[int,
 class _Cache:
     pos: int
     values: list
+    keys: list = field(default_factory=list)  # per batch: the image keys its draws use
     nbytes: int = 0
     on_host: bool = False
 
@@ -138,7 +140,11 @@ class _Source:
         r = self.replay
         self._replayed = self.from_cache
         if not self._replayed:
-            yield from iter_batches(r.data, r.num_images, r.device)
+            for x in iter_batches(r.data, r.num_images, r.device):
+                keys = image_keys(x)
+                if self.stored is not None:
+                    self.stored.keys.append(keys)
+                yield Keyed(x, keys)
             return
         cache = r.cache
         reuse = self.capture == self.start  # the same cache serves the next unit
@@ -146,7 +152,10 @@ class _Source:
         for i, v in enumerate(cache.values):
             if not reuse:
                 cache.values[i] = None  # free as we go
-            yield _each(v, lambda t: _fresh(t, t.to(r.device, non_blocking=True), copy and reuse))
+            keys = cache.keys[i]
+            if self.stored is not None and self.stored is not cache:
+                self.stored.keys.append(keys)
+            yield Keyed(_each(v, lambda t: _fresh(t, t.to(r.device, non_blocking=True), copy and reuse)), keys)
         if not reuse:
             r.cache = None
 
@@ -185,6 +194,7 @@ class _Source:
     def _drop(self):
         self.dropped = True
         self.stored.values.clear()
+        self.stored.keys.clear()
         self.replay._next = None
 
 

@@ -10,7 +10,7 @@ from ..fingerprint import DataDigest
 from ..rewrite import prune_unit_
 from ..units import Unit, get_module
 from . import checkpoint
-from .collect import StatsSpec, collect_units, iter_batches, progress_bar
+from .collect import Keyed, StatsSpec, collect_units, iter_batches, progress_bar
 from .config import PruneConfig
 from .decide import Decision, decide, select_thinet_batched, selection_backend
 from .replay import Replay
@@ -89,7 +89,7 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
 
 def _digested(batches, digest):
     for x in batches:
-        digest.update(x)
+        digest.update(x.value if isinstance(x, Keyed) else x)
         yield x
 
 
