@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+import thinet_fast as tf
+
 from thinet_fast.counting import count_flops, count_params, model_size_mb, profile
 from thinet_fast.models import (MODEL_BUILDERS, THINET_TINY_WIDTHS, VGG16_WIDTHS, DemoResNet, DemoVGG,
                                 resnet50_original, vgg16_gap, vgg16_tiny)
@@ -210,3 +212,18 @@ def test_model_builders():
     assert MODEL_BUILDERS["demo-vgg"](num_classes=3)(torch.randn(1, 1, 28, 28)).shape == (1, 3)
     with pytest.raises(ValueError, match="13"):
         vgg16_gap(widths=(8, 8))
+
+
+def test_resnet50_preset_has_the_papers_parameter_count():
+    """Bias compensation on the bias-free convs before BatchNorm folds into the BN's
+    running mean, so the preset gives the paper's architecture exactly (12.38M)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval()
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    res = tf.prune(model, [x], preset="resnet50-thinet-50", num_images=4, progress=False)
+    params = tf.count_params(res.model)
+    print("ThiNet-50 params", params)
+    assert round(params / 1e6, 2) == 12.38
+    assert not any(m.bias is not None for m in res.model.modules() if isinstance(m, torch.nn.Conv2d))

@@ -1,5 +1,6 @@
 """Physical rewriting: shapes, exactness against zeroed channels, copies, export."""
 import copy
+import dataclasses
 import importlib.util
 import io
 
@@ -178,6 +179,13 @@ def test_consumer_weight_and_new_bias():
     pruned = copy.deepcopy(model)
     prune_unit_(pruned, u, keep, consumer_weight=w, consumer_bias=b)
     cons = get_module(pruned, u.consumer)
+    # the consumer is followed by BatchNorm: the bias folds into its running mean
+    assert u.consumer_norm is not None and cons.bias is None
+    before = get_module(model, u.consumer_norm).running_mean
+    torch.testing.assert_close(get_module(pruned, u.consumer_norm).running_mean, before - b)
+    pruned = copy.deepcopy(model)
+    prune_unit_(pruned, dataclasses.replace(u, consumer_norm=None), keep, consumer_weight=w, consumer_bias=b)
+    cons = get_module(pruned, u.consumer)
     assert cons.weight.shape == (K, 4, 3, 3) and cons.bias is not None
     torch.testing.assert_close(cons.weight, w.reshape(K, 4, 3, 3))
     torch.testing.assert_close(cons.bias, b)
@@ -312,3 +320,28 @@ def test_pruned_model_torch_compile():
     torch.testing.assert_close(out, ref)
     for (name, p), q in zip(pruned.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_bias_correction_folds_into_the_following_batchnorm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
+    with torch.no_grad():
+        model[3].running_mean.uniform_(-0.5, 0.5)
+        model[3].running_var.uniform_(0.5, 1.5)
+    x = torch.randn(5, 3, 7, 7)
+    (unit,) = find_units(model, x[:1]).units
+    assert unit.consumer_norm == "3"
+    keep = torch.tensor([0, 2, 3, 6])
+    b = torch.randn(6)
+    folded = prune_unit_(copy.deepcopy(model), unit, keep, consumer_bias=b)
+    added = prune_unit_(copy.deepcopy(model), dataclasses.replace(unit, consumer_norm=None), keep, consumer_bias=b)
+    assert folded[2].bias is None and added[2].bias is not None
+    for mode in ("eval", "train"):
+        getattr(folded, mode)(), getattr(added, mode)()
+        err = float((folded(x) - added(x)).abs().max())
+        print(mode, err)
+        assert err < 1e-5
+    # no BatchNorm after the consumer: nothing to fold into
+    twice = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 6, 1, bias=False))
+    assert find_units(twice, x[:1]).units[0].consumer_norm is None

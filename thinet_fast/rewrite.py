@@ -206,8 +206,10 @@ def prune_unit_(
             conv ``(K, n, kh, kw)`` (``(K, n*kh*kw)`` and ``(K, n, kh*kw)`` accepted),
             Linear ``(K, n*t)`` (``(K, n, t)`` accepted), with n = ``len(keep)``. Default:
             slice the existing weight.
-        consumer_bias: optional replacement consumer bias ``(K,)``. A consumer without a
-            bias gets one (e.g. a conv followed by BatchNorm taking a bias correction).
+        consumer_bias: optional replacement consumer bias ``(K,)``. For a consumer
+            without a bias it is folded into the BatchNorm that alone reads the
+            consumer (``unit.consumer_norm``: its running mean drops by the bias, exact
+            in eval and training); without such a BatchNorm the consumer gets a bias.
 
     Everything is validated before the first module is replaced, so an error leaves the
     model untouched.
@@ -257,6 +259,10 @@ def prune_unit_(
     # ---- consumer: keep input channels (and their taps)
     k = keep.to(cons.weight.device)
     bias = new_b if new_b is not None else (None if cons.bias is None else cons.bias.detach().clone())
+    norm = _folding_norm(model, unit, cons) if new_b is not None and cons.bias is None else None
+    if norm is not None:  # BN(y + b) = BN'(y) with running_mean - b: no bias is added
+        replacements.append((unit.consumer_norm, _shifted_bn(norm, new_b)))
+        bias = None
     if unit.consumer_kind == "conv":
         w = new_w if new_w is not None else cons.weight.index_select(1, k)
         replacements.append((unit.consumer, _new_conv(cons, n, cons.out_channels, 1, w, bias)))
@@ -270,6 +276,26 @@ def prune_unit_(
     for fqn, new in replacements:
         set_module(model, fqn, new)
     return model
+
+
+def _folding_norm(model: nn.Module, unit: Unit, cons: nn.Module):
+    """The consumer's BatchNorm, checked, when a bias correction can fold into it."""
+    if unit.consumer_norm is None:
+        return None
+    bn = get_module(model, unit.consumer_norm)
+    width = cons.out_channels if unit.consumer_kind == "conv" else cons.out_features
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.num_features != width or bn.running_mean is None:
+        raise _stale(unit, unit.consumer_norm, "is not a BatchNorm with running statistics over the consumer outputs")
+    return bn
+
+
+def _shifted_bn(bn: nn.Module, shift: torch.Tensor) -> nn.Module:
+    """A copy of ``bn`` that sees its input ``shift`` higher (exact in eval and training:
+    batch statistics cancel a per-channel shift)."""
+    new = copy.deepcopy(bn)
+    with torch.no_grad():
+        new.running_mean.sub_(shift.to(new.running_mean))
+    return new
 
 
 def prune_units(

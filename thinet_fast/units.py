@@ -115,6 +115,9 @@ class Unit:
             ``None`` for a Linear consumer. ``padding`` may be the string ``"same"``
             when the conv was built that way.
         ops: every op on the path (modules by fqn, functions by name), for display.
+        consumer_norm: fqn of the BatchNorm that alone reads the consumer's output
+            (called once, with running statistics), else None: a bias correction of a
+            bias-free consumer is folded into its running mean instead of adding a bias.
     """
 
     producer: str
@@ -133,6 +136,7 @@ class Unit:
     dilation: Optional[tuple[int, int]] = None
     padding_mode: Optional[str] = None
     ops: tuple[str, ...] = ()
+    consumer_norm: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.producer or not self.consumer:
@@ -518,6 +522,7 @@ def _walk(gm: fx.GraphModule, start: fx.Node, c: int, kind: str, call_counts: di
                     consumer_out=m.out_channels, consumer_in_shape=tuple(in_shape[1:]),
                     kernel_size=ks, stride=tuple(m.stride), padding=m.padding if isinstance(m.padding, str) else tuple(m.padding),
                     dilation=tuple(m.dilation), padding_mode=m.padding_mode, ops=tuple(ops),
+                    consumer_norm=_norm_after(u, gm, call_counts, m.out_channels),
                 )
             if ck == "linear":
                 if st.cdim != st.ndim - 1:
@@ -534,6 +539,7 @@ def _walk(gm: fx.GraphModule, start: fx.Node, c: int, kind: str, call_counts: di
                     producer=str(start.target), followers=tuple(followers), consumer=fqn, channels=c,
                     taps=st.taps, consumer_kind="linear", producer_kind=kind, flatten=st.flattened,
                     consumer_out=m.out_features, consumer_in_shape=tuple(in_shape[1:]), ops=tuple(ops),
+                    consumer_norm=_norm_after(u, gm, call_counts, m.out_features),
                 )
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 if isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m, c):
@@ -610,6 +616,19 @@ def _coupling_kind(u: fx.Node) -> str:
     if name in ("add", "add_", "iadd", "sub", "sub_", "isub"):
         return "add"
     return "other"
+
+
+def _norm_after(node: fx.Node, gm: fx.GraphModule, call_counts: dict[str, int], width: int) -> Optional[str]:
+    """The BatchNorm that alone reads ``node``'s output, if any (see ``Unit.consumer_norm``)."""
+    users = [u for u in node.users if not _is_metadata_user(u)]
+    if len(users) != 1 or users[0].op != "call_module":
+        return None
+    fqn = str(users[0].target)
+    m = gm.get_submodule(fqn)
+    if type(m) in _BN_MODULES and m.num_features == width and m.running_mean is not None \
+            and call_counts.get(fqn, 0) == 1:
+        return fqn
+    return None
 
 
 def _geometry(m: nn.Module, where: str):
