@@ -50,6 +50,14 @@ def test_prune_report_finetune_round_trip(tmp_path, capsys):
     assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())), "fine-tuning changed nothing"
 
 
+def test_unwritable_output_fails_before_any_work(tmp_path, capsys):
+    for flag in ("--output", "--json"):  # the data path is bad too: the output check comes first
+        assert main(["prune", "--model", "demo-vgg", "--data", "/no/such/data", flag,
+                     str(tmp_path / "nodir" / "x")]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "does not exist" in err, err
+
+
 def test_bad_model_name_is_a_clear_error():
     with pytest.raises(SystemExit, match="neither a file"):
         main(["report", "--model", "no-such-net"])

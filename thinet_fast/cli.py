@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import thinet_fast as tf
+from thinet_fast.files import check_writable
 
 
 # ---------------------------------------------------------------- loading
@@ -72,6 +73,7 @@ def cmd_demo(args):
 
 
 def cmd_prune(args):
+    _check_outputs(args)
     model = load_model(args.model, args.weights, args.num_classes)
     calib = load_data(args.data, train=True, batch_size=args.batch_size, per_class=args.per_class,
                       image_size=args.image_size, workers=args.workers, seed=args.seed)
@@ -115,6 +117,7 @@ def cmd_prune(args):
 
 
 def cmd_report(args):
+    _check_outputs(args)
     model = load_model(args.model, args.weights, args.num_classes).to(args.device or "cpu")
     shape = (1, 1, 28, 28) if args.data == "fashion-mnist" else (1, 3, args.image_size, args.image_size)
     example = torch.randn(shape, device=args.device or "cpu")
@@ -132,7 +135,16 @@ def cmd_report(args):
         Path(args.json).write_text(rep.to_json(indent=2))
 
 
+def _check_outputs(args) -> None:
+    """Fail now, not after an hour of pruning, when an output path cannot be written."""
+    for flag in ("output", "json"):
+        path = getattr(args, flag, None)
+        if path:
+            check_writable(path, f"--{flag}")
+
+
 def cmd_finetune(args):
+    _check_outputs(args)
     model = load_model(args.model, args.weights, args.num_classes)
     teacher = load_model(args.teacher, args.teacher_weights, args.num_classes) if args.teacher else None
     train = load_data(args.data, train=True, batch_size=args.batch_size, image_size=args.image_size,
@@ -237,7 +249,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError, tf.BackendUnavailable) as exc:
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, tf.BackendUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
