@@ -104,3 +104,15 @@ def test_greedy_keep_ls_rejects_a_non_psd_gram(fn):
     asym[0, 1] += 10.0
     with pytest.raises(ValueError, match="not symmetric"):
         fn(asym, 3)
+
+
+def test_nan_activations_name_the_consumer_and_leave_the_model():
+    torch.manual_seed(0)
+    model = DemoVGG().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 1, 28, 28)
+    x[0, 0, 5, 5] = float("nan")
+    for schedule in ("sequential", "oneshot"):
+        with pytest.raises(FloatingPointError, match=r"consumer 'features\.\d+'.*NaN"):
+            tf.prune(model, [x], keep=0.5, num_images=8, progress=False, schedule=schedule, inplace=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -232,7 +232,7 @@ def collect_units(model: nn.Module, units: list[Unit], batches: Iterable[torch.T
     if timer is None:
         feed(model, sinks, batches, forward=forward, stop_early=stop_early, bar=bar, names=names)
         reduce_accumulators(list(accs.values()))
-        return {p: acc.result(release=True) for p, acc in accs.items()}
+        return _finite({p: acc.result(release=True) for p, acc in accs.items()}, units)
     hooks_before = timer.seconds["statistics"]
     t0 = time.perf_counter()
     feed(model, sinks, batches, forward=forward, stop_early=stop_early, bar=bar, names=names)
@@ -240,7 +240,17 @@ def collect_units(model: nn.Module, units: list[Unit], batches: Iterable[torch.T
     timer.add("forward", time.perf_counter() - t0 - (timer.seconds["statistics"] - hooks_before))
     with timer.phase("statistics"):
         reduce_accumulators(list(accs.values()))
-        return {p: acc.result(release=True) for p, acc in accs.items()}
+        return _finite({p: acc.result(release=True) for p, acc in accs.items()}, units)
+
+
+def _finite(stats: dict[str, Statistics], units: list[Unit]) -> dict[str, Statistics]:
+    """Refuse statistics with NaN/Inf, naming the consumer, before anything uses them."""
+    for u in units:
+        if not bool(torch.isfinite(stats[u.producer].gram).all()):
+            raise FloatingPointError(
+                f"the statistics of consumer {u.consumer!r} contain NaN or Inf: the calibration batches or "
+                "the model give non-finite activations there (check the inputs for NaN; fp16 overflow?)")
+    return stats
 
 
 def collect_statistics(model: nn.Module, units: list[Unit], data, spec: StatsSpec | None = None, *,
