@@ -99,18 +99,6 @@ class Segments:
             raise ValueError(f"module `{fqn}` is not called on a traced value")
         return self.pos[arg]
 
-    def mutated(self, model: nn.Module, pos: int) -> bool:
-        """True if a reader of node ``pos`` may change its value in place (a cached
-        value there must then be copied before it is run on)."""
-        for u in self.nodes[pos].users:
-            if u.kwargs.get("inplace") or (u.op == "call_function" and u.target in _INPLACE_FNS):
-                return True
-            if u.op == "call_method" and str(u.target).endswith("_"):
-                return True
-            if u.op == "call_module" and getattr(get_module(model, str(u.target)), "inplace", False):
-                return True
-        return False
-
     def live(self, pos: int) -> tuple[int, ...]:
         """Positions of the values making up the state at ``pos`` (``(pos,)`` at a cut)."""
         if pos not in self._live:
