@@ -25,6 +25,7 @@ from .serialization import load, load_meta, save
 from .counting import count_flops, count_params, model_size_mb
 from .pipeline import PruneConfig, PruneResult, collect_statistics, prune, recalibrate_batchnorm
 from .pipeline.config import BACKENDS, METHODS, RECONSTRUCTIONS, SCHEDULES, STATISTICS
+from .pipeline.methods import Method, SelectContext, Selection, get_method, method_names, register_method
 from .training import evaluate, finetune, finetune_callback
 from . import data, demo, models, presets, report
 
@@ -38,6 +39,7 @@ __all__ = [
     "Unit", "UnitPlan", "find_units", "prune_unit_", "prune_units", "save", "load", "load_meta",
     "count_params", "count_flops", "model_size_mb",
     "PruneConfig", "PruneResult", "prune", "collect_statistics", "recalibrate_batchnorm",
+    "Method", "Selection", "SelectContext", "register_method", "get_method", "method_names",
     "METHODS", "STATISTICS", "RECONSTRUCTIONS", "SCHEDULES", "BACKENDS",
     "evaluate", "finetune", "finetune_callback",
     "data", "demo", "models", "presets", "report",

@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "greedy error curves (instead of --keep)")
     p.add_argument("--min-keep", type=float, default=0.1, help="with --flops-target: the least fraction a unit keeps")
     p.add_argument("--units", help="comma list of producer fqns to prune")
-    p.add_argument("--method", default="thinet", choices=tf.METHODS)
+    p.add_argument("--method", default="thinet", choices=tf.method_names())
     p.add_argument("--statistics", default="auto", choices=tf.STATISTICS)
     p.add_argument("--reconstruction", default="scale", choices=tf.RECONSTRUCTIONS)
     p.add_argument("--no-bias-compensation", action="store_true")

@@ -56,17 +56,16 @@ except ImportError as _exc:  # pragma: no cover - exercised by a test that hides
     ) from _exc
 
 from ..ops.dispatch import BACKEND_NAMES
-from ..ops.greedy import greedy_keep_ls, greedy_remove
 from ..ops.draws import position_keys
 from ..ops.patches import ConsumerGeometry, UnsupportedConsumer
 from ..ops.stats import MODES
 from ..pipeline.collect import StatsSpec, feed, iter_batches, model_device, reduce_accumulators
-from ..pipeline.decide import selection_backend
+from ..pipeline.methods import REGISTRY, SelectContext, get_method, selection_backend
 
 __all__ = ["ThiNetImportance", "UnsupportedGroupError", "thinet_pruner"]
 
 STATISTICS = MODES + ("auto",)
-METHODS = ("thinet", "thinet_ls")
+METHODS = tuple(m.name for m in REGISTRY.values() if m.rank is not None)  # built-ins that rank from a Gram
 # A Linear consumer whose features do not come in aligned per-channel blocks is taken
 # feature by feature (t = 1, exact); its Gram is then in_features² entries.
 MAX_FEATURE_GRAM = 16384
@@ -305,8 +304,9 @@ class ThiNetImportance(tp.importance.Importance):
                             "changes. Pass a list of batches, a tensor or a DataLoader.")
         if statistics not in STATISTICS:
             raise ValueError(f"statistics={statistics!r} is not one of {STATISTICS}")
-        if method not in METHODS:
-            raise ValueError(f"method={method!r} is not one of {METHODS} (the baselines live in thinet_fast.prune "
+        if method not in REGISTRY or REGISTRY[method].rank is None:
+            ranking = tuple(m.name for m in REGISTRY.values() if m.rank is not None)
+            raise ValueError(f"method={method!r} is not one of {ranking} (the baselines live in thinet_fast.prune "
                              "and Torch-Pruning's own importances)")
         if backend != "auto" and backend not in BACKEND_NAMES:
             raise ValueError(f"backend={backend!r} is not one of {BACKEND_NAMES + ('auto',)}")
@@ -391,16 +391,13 @@ class ThiNetImportance(tp.importance.Importance):
         n = G.shape[0]
         if n == 1:
             return torch.ones(1)
-        scores = torch.empty(n, dtype=torch.float32)
-        if self.method == "thinet":
-            order = greedy_remove(G, n - 1, backend=selection_backend("thinet", self.backend, G.device)).cpu()
-            scores.fill_(float(n - 1))
-            scores[order] = torch.arange(n - 1, dtype=torch.float32)
-        else:
-            keep = greedy_keep_ls(G, n, backend=selection_backend("thinet_ls", self.backend, G.device)).cpu()
-            if keep.numel() != n or bool((keep < 0).any()) or keep.unique().numel() != n:
-                raise RuntimeError(f"greedy_keep_ls returned an incomplete order {keep.tolist()} for {n} channels")
-            scores[keep] = torch.arange(n - 1, -1, -1, dtype=torch.float32)
+        scores = torch.full((n,), float(n - 1), dtype=torch.float32)
+        ctx = SelectContext(backend=selection_backend(self.method, self.backend, G.device))
+        order = get_method(self.method).rank(G, ctx).cpu()  # the first removed scores lowest
+        if order.numel() != n - 1 or bool((order < 0).any()) or order.unique().numel() != n - 1:
+            raise RuntimeError(f"method {self.method!r} returned an incomplete removal order {order.tolist()} "
+                               f"for {n} channels")
+        scores[order] = torch.arange(n - 1, dtype=torch.float32)
         return scores / (n - 1) if self.normalize else scores
 
     # -- statistics ---------------------------------------------------------------

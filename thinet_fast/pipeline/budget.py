@@ -11,7 +11,7 @@ from ..ops.budget import allocate_budget
 from ..rewrite import prune_unit_
 from ..units import Unit, get_module
 from ..ops.stats import Statistics
-from .decide import select_thinet_batched
+from .methods import SelectContext, get_method
 
 
 def _channel_costs(model: nn.Module, units: list[Unit], example: torch.Tensor) -> list[float]:
@@ -41,9 +41,9 @@ def allocate_flops(model: nn.Module, units: list[Unit], stats: dict[str, Statist
     """Keep counts that bring the model to ``flops_target`` × its FLOPs with the least
     summed relative ThiNet error, from the unpruned model's statistics ``stats``
     (producer fqn -> Statistics). Returns (keep dict, achieved FLOPs fraction, note)."""
-    selections = select_thinet_batched([stats[u.producer] for u in units], [u.channels for u in units],
-                                       backend=backend)
-    curves = [curve for _, curve in selections]
+    selections = get_method("thinet").run_many([stats[u.producer] for u in units], [u.channels for u in units],
+                                               SelectContext(backend=backend))
+    curves = [s.curve for s in selections]
     costs = _channel_costs(model, units, example)
     total = count_flops(model, example)
     mins = [max(1, int(round(min_keep * u.channels))) for u in units]

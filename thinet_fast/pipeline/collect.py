@@ -23,6 +23,7 @@ from ..ops.patches import ConsumerGeometry
 from ..ops.stats import MAX_COV_DIM, STATS_BACKENDS, Statistics, StatsAccumulator, choose_mode
 from ..segments import batch_size
 from ..units import Unit, get_module
+from .methods import get_method
 
 Sink = Callable[[torch.Tensor, torch.Tensor], None]  # (consumer input, image keys)
 
@@ -80,7 +81,7 @@ class StatsSpec:
         statistics options)."""
         return cls(statistics=cfg.statistics, num_images=cfg.num_images, samples_per_image=cfg.samples_per_image,
                    seed=cfg.seed, dtype=cfg.stats_dtype, backend=cfg.backend_for(STATS_BACKENDS),
-                   with_cov=cfg.reconstruction == "full", count_zeros=cfg.method == "apoz",
+                   with_cov=cfg.reconstruction == "full", count_zeros="zeros" in get_method(cfg.method).needs,
                    holdout=cfg.holdout if cfg.reconstruction != "none" else 0)
 
     def replace(self, **changes) -> "StatsSpec":

@@ -8,7 +8,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-METHODS = ("thinet", "thinet_ls", "random", "weight_sum", "apoz", "lasso")
+from .methods import method_names
+
+METHODS = method_names()  # the built-in methods; register_method() adds more
 STATISTICS = ("sampled", "full", "direct", "auto")
 RECONSTRUCTIONS = ("scale", "full", "none")
 SCHEDULES = ("sequential", "oneshot")
@@ -96,7 +98,9 @@ class PruneConfig:
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}")
 
-        _one_of("method", self.method, METHODS)
+        if self.method not in method_names():
+            raise ValueError(f"method={self.method!r} is not one of {method_names()}; "
+                             "thinet_fast.register_method() adds a method")
         _one_of("statistics", self.statistics, STATISTICS)
         _one_of("reconstruction", self.reconstruction, RECONSTRUCTIONS)
         _one_of("schedule", self.schedule, SCHEDULES)

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops import baselines, dispatch, greedy, reconstruct
+from ..ops import reconstruct
 from ..ops.stats import Statistics
 from ..units import Unit
+from .methods import SelectContext, get_method, selection_backend
 
 
 @dataclass
@@ -47,53 +48,19 @@ class Decision:
 
 def select(method: str, stats: Statistics, n_keep: int, producer: nn.Module, *, seed: int = 0,
            backend: str = "auto", ridge: float = 1e-8):
-    """Kept indices (sorted) and, for ThiNet, the error curve."""
+    """Kept indices (sorted) and, where the method has one, the error curve."""
     G, C = stats.gram, stats.channels
     if n_keep == C:
         return torch.arange(C, device=G.device), None
-    backend = selection_backend(method, backend, G.device)
-    if method == "thinet":
-        return select_thinet_batched([stats], [n_keep], backend=backend)[0]
-    if method == "thinet_ls":
-        # its own least-squares scales equal ls_scale's; the reconstruction step recomputes them
-        return greedy.greedy_keep_ls(G, n_keep, ridge=ridge, backend=backend).sort().values, None
-    if method == "lasso":
-        keep, _ = baselines.lasso_keep(G, n_keep)
-        return keep, None
-    if method == "random":
-        scores = baselines.random_scores(C, seed)
-    elif method == "weight_sum":
-        scores = baselines.weight_sum_scores(producer.weight)
-    elif method == "apoz":
-        scores = baselines.apoz_scores(stats.zero_fraction)
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    return baselines.top_k(scores.to(G.device), n_keep), None
-
-
-def selection_backend(method: str, backend: str, device) -> str:
-    """The backend that runs ``method``'s selection for ``backend`` (the pipeline's
-    preference, or "auto" where the op lacks it)."""
-    supported = {"thinet": greedy.GREEDY_REMOVE_BACKENDS, "thinet_ls": greedy.KEEP_LS_BACKENDS}.get(method)
-    if supported is None:
-        return "torch"
-    return dispatch.choose(backend if backend in supported else "auto", device, supported, method)
+    ctx = SelectContext(producer, seed, selection_backend(method, backend, G.device), ridge)
+    sel = get_method(method).select(stats, n_keep, ctx)
+    return sel.keep, sel.curve
 
 
 def select_thinet_batched(stats: list[Statistics], n_keep: list[int], *, backend: str = "auto"):
-    """ThiNet greedy removal for many units in one batched call (problems padded).
-
-    Each unit gets its whole removal order, so the error curve E(n)/1ᵀG1 for every
-    ratio comes for free (DESIGN §6)."""
-    grams = [s.gram for s in stats]
-    orders, errors = greedy.greedy_remove(grams, [g.shape[0] - 1 for g in grams], return_errors=True,
-                                          backend=backend)
-    out = []
-    for G, order, err, n in zip(grams, orders, errors, n_keep):
-        total = G.double().sum().clamp_min(torch.finfo(torch.float64).tiny)
-        keep = greedy.removal_to_keep(order, G.shape[0], n) if n < G.shape[0] else torch.arange(G.shape[0])
-        out.append((keep.to(G.device), (err.double() / total).cpu()))
-    return out
+    """ThiNet greedy removal for many units in one batched call: (keep, curve) per unit."""
+    sels = get_method("thinet").run_many(stats, n_keep, SelectContext(backend=backend))
+    return [(s.keep, s.curve) for s in sels]
 
 
 def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, consumer: nn.Module, *,

@@ -16,7 +16,7 @@ from .budget import allocate_flops
 from .calibrate import recalibrate_batchnorm
 from .collect import StatsSpec, collect_units, iter_batches, model_device, progress_bar
 from .config import PruneConfig, n_keep_for
-from .decide import selection_backend
+from .methods import selection_backend
 from .schedules import run_oneshot, run_sequential, transplant
 from .timing import Timings
 

@@ -12,7 +12,8 @@ from ..units import Unit, get_module
 from . import checkpoint
 from .collect import Keyed, StatsSpec, collect_units, iter_batches, progress_bar
 from .config import PruneConfig
-from .decide import Decision, decide, select_thinet_batched, selection_backend
+from .decide import Decision, decide
+from .methods import SelectContext, get_method, selection_backend
 from .replay import Replay
 from .timing import Timings
 
@@ -102,11 +103,13 @@ def run_oneshot(model: nn.Module, units: list[Unit], n_keep: dict[str, int], dat
             stats = collect_units(model, units, iter_batches(data, spec.num_images, device), spec, bar=bar,
                                   timer=timer)
     selections = [None] * len(units)
-    if cfg.method == "thinet":
+    method = get_method(cfg.method)
+    if method.select_many is not None:  # one batched call for every unit
         with timer.phase("selection"):
-            backend = selection_backend("thinet", cfg.backend, stats[units[0].producer].gram.device)
-            selections = select_thinet_batched([stats[u.producer] for u in units],
-                                               [n_keep[u.producer] for u in units], backend=backend)
+            ctx = SelectContext(seed=cfg.seed, ridge=cfg.ridge, backend=selection_backend(
+                cfg.method, cfg.backend, stats[units[0].producer].gram.device))
+            sels = method.run_many([stats[u.producer] for u in units], [n_keep[u.producer] for u in units], ctx)
+            selections = [(s.keep, s.curve) for s in sels]
     # every decision reads the unpruned consumers before any module is rewritten
     decisions = [_decide(model, u, stats[u.producer], n_keep[u.producer], cfg, timer, sel)
                  for u, sel in zip(units, selections)]
