@@ -25,7 +25,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn as nn
 
-from .units import shape_forward
+from .tracing import shape_forward
 
 __all__ = ["count_params", "count_flops", "model_size_mb", "profile", "LayerCount", "Profile"]
 

@@ -21,7 +21,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .units import _trace, get_module
+from .modules import get_module
+from .tracing import trace
 
 __all__ = ["Segments", "State"]
 
@@ -56,7 +57,7 @@ class Segments:
     Node positions are indices in topological order; position 0 is the input."""
 
     def __init__(self, model: nn.Module, leaf_modules: Iterable[str] = ()):
-        gm = _trace(model, leaf_modules)
+        gm = trace(model, leaf_modules)
         self.nodes: list[fx.Node] = list(gm.graph.nodes)
         self.pos = {n: i for i, n in enumerate(self.nodes)}
         inputs = [n for n in self.nodes if n.op == "placeholder"]
