@@ -22,6 +22,7 @@ from .ops.stats import Statistics, StatsAccumulator
 from .units import Unit, UnitPlan, find_units
 from .rewrite import prune_unit_, prune_units
 from .serialization import load, load_meta, save
+from .records import UnitRecord
 from .counting import count_flops, count_params, model_size_mb
 from .pipeline import PruneConfig, PruneResult, collect_statistics, prune, recalibrate_batchnorm
 from .pipeline.config import BACKENDS, METHODS, RECONSTRUCTIONS, SCHEDULES, STATISTICS
@@ -36,7 +37,7 @@ __all__ = [
     "greedy_remove", "greedy_remove_ref", "greedy_keep_ls", "greedy_keep_ls_ref", "removal_to_keep",
     "ls_scale", "refit_full", "bias_compensation", "lasso_keep", "top_k",
     "ConsumerGeometry", "StatsAccumulator", "Statistics",
-    "Unit", "UnitPlan", "find_units", "prune_unit_", "prune_units", "save", "load", "load_meta",
+    "Unit", "UnitPlan", "find_units", "prune_unit_", "prune_units", "save", "load", "load_meta", "UnitRecord",
     "count_params", "count_flops", "model_size_mb",
     "PruneConfig", "PruneResult", "prune", "collect_statistics", "recalibrate_batchnorm",
     "Method", "Selection", "SelectContext", "register_method", "get_method", "method_names",

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 import torch
 from torch import nn
 
 from .counting import count_flops, count_params, model_size_mb
 from .modes import preserved_modes
+from .records import UnitRecord
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Report:
 
     pruned: ModelStats
     original: ModelStats | None = None
-    units: list[dict] = field(default_factory=list)
+    units: list[UnitRecord] = field(default_factory=list)
     backend: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -64,7 +65,10 @@ class Report:
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "units"}
+        out = {k: asdict(v) if is_dataclass(v) else v for k, v in out.items()}
+        out["units"] = [u.to_dict() for u in self.units]
+        return out
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), default=str, **kw)
@@ -79,11 +83,11 @@ class Report:
         if self.units:
             urows = [("producer", "consumer", "C", "kept", "method", "stats", "recon", "err sel", "err rec")]
             for u in self.units:
-                urows.append((u["producer"], u["consumer"], str(u["channels"]), str(u["kept"]), u["method"],
-                              u["statistics"], u["reconstruction"], f"{u['error_selected']:.4f}",
-                              f"{u['error_reconstructed']:.4f}" + ("" if u.get("heldout_images") else "*")))
+                urows.append((u.producer, u.consumer, str(u.channels), str(u.kept), u.method, u.statistics,
+                              u.reconstruction, f"{u.error_selected:.4f}",
+                              f"{u.error_reconstructed:.4f}" + ("" if u.heldout_images else "*")))
             legend = "err: relative output error of the consumer on held-out calibration images, which no fit saw"
-            if any(not u.get("heldout_images") for u in self.units):
+            if any(not u.heldout_images for u in self.units):
                 legend += "; * in sample (no held-out images: holdout=0 or too few images)"
             out.append(format_table(urows) + "\n" + legend)
         if self.backend:
@@ -168,11 +172,12 @@ def measure_speed(model: nn.Module, example: torch.Tensor, *, batch_size: int = 
 
 
 def build_report(model: nn.Module, example: torch.Tensor, *, reference: nn.Module | None = None,
-                 units: list[dict] | None = None, config: dict | None = None, backend: dict | None = None,
+                 units: list | None = None, config: dict | None = None, backend: dict | None = None,
                  notes: list[str] | None = None) -> Report:
     pruned = model_stats(model, example)
     original = None
     if reference is not None:  # the reference may live on another device than the pruned model
         dev = next(iter(reference.parameters()), example).device
         original = model_stats(reference, example.to(dev))
-    return Report(pruned, original, list(units or []), dict(backend or {}), dict(config or {}), list(notes or []))
+    records = [u if isinstance(u, UnitRecord) else UnitRecord.from_dict(u) for u in units or []]
+    return Report(pruned, original, records, dict(backend or {}), dict(config or {}), list(notes or []))

@@ -37,7 +37,7 @@ def save_checkpoint(path: str, model: nn.Module, cfg: PruneConfig, source: dict,
                     data: dict | None) -> None:
     """Atomically write the partly pruned model and what was done."""
     save(model, path, meta={"format": CHECKPOINT_FORMAT, "options": cfg.fingerprint(), "source": source,
-                            "data": data, "records": records})
+                            "data": data, "records": [r.to_dict() for r in records]})
 
 
 def _differences(theirs: dict, ours: dict) -> list[str]:

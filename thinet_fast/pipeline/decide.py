@@ -9,6 +9,7 @@ from torch import nn
 
 from ..ops import reconstruct
 from ..ops.stats import Statistics
+from ..records import UnitRecord
 from ..units import Unit
 from .methods import SelectContext, get_method, selection_backend
 
@@ -34,16 +35,14 @@ class Decision:
     heldout_images: int = 0                  # images behind error_reconstructed (0: it is in sample)
     ridge: float | None = None               # the relative ridge of the reconstruction's solve
 
-    def record(self) -> dict:
+    def record(self) -> UnitRecord:
         u = self.unit
-        return {
-            "producer": u.producer, "consumer": u.consumer, "channels": u.channels, "kept": int(self.keep.numel()),
-            "method": self.method, "statistics": self.statistics, "reconstruction": self.reconstruction,
-            "error_selected": self.error_selected, "error_reconstructed": self.error_reconstructed,
-            "seconds": self.seconds, "notes": list(self.notes),
-            "statistics_backend": self.statistics_backend, "selection_backend": self.selection_backend,
-            "heldout_images": self.heldout_images, "ridge": self.ridge,
-        }
+        return UnitRecord(
+            producer=u.producer, consumer=u.consumer, channels=u.channels, kept=int(self.keep.numel()),
+            method=self.method, statistics=self.statistics, reconstruction=self.reconstruction,
+            error_selected=self.error_selected, error_reconstructed=self.error_reconstructed,
+            seconds=self.seconds, notes=tuple(self.notes), statistics_backend=self.statistics_backend,
+            selection_backend=self.selection_backend, heldout_images=self.heldout_images, ridge=self.ridge)
 
 
 def select(method: str, stats: Statistics, n_keep: int, producer: nn.Module, *, seed: int = 0,

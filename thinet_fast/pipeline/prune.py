@@ -76,7 +76,7 @@ def _plan_keeps(plan: UnitPlan, cfg: PruneConfig, preset) -> dict[str, int]:
 
 def _warn_scarce(records: list[dict], notes: list[str]) -> None:
     """One warning for every unit whose fit had fewer samples than unknowns."""
-    scarce = [f"{r['consumer']!r}: {n}" for r in records for n in r["notes"] if "calibration samples for" in n]
+    scarce = [f"{r.consumer!r}: {n}" for r in records for n in r.notes if "calibration samples for" in n]
     if scarce:
         message = (f"{len(scarce)} unit(s) had fewer calibration samples than unknowns; their fits are "
                    "regularised, and the errors reported on held-out images. Give more images (num_images=) "
@@ -174,5 +174,5 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
 
 
 def _backends_used(records: list[dict]) -> dict:
-    return {key: ",".join(sorted({r[key] for r in records}))
+    return {key: ",".join(sorted({getattr(r, key) for r in records}))
             for key in ("statistics_backend", "selection_backend")}

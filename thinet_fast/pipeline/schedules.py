@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..fingerprint import DataDigest
+from ..records import UnitRecord
 from ..rewrite import prune_unit_
 from ..units import Unit, get_module
 from . import checkpoint
@@ -44,7 +45,7 @@ def transplant(model: nn.Module, source: nn.Module) -> None:
 
 # ------------------------------------------------------------------ schedules
 def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], data, cfg: PruneConfig,
-                   device, spec: StatsSpec, timer: Timings) -> list[dict]:
+                   device, spec: StatsSpec, timer: Timings) -> list[UnitRecord]:
     """Paper schedule: statistics of each unit on the partly pruned model. Each unit's
     pass runs only the segment from the replay cache to its consumer (or from the
     images, past the cache's memory budget); a checkpoint after every unit when
@@ -57,8 +58,8 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
         digest = DataDigest()
         if checkpoint.exists(cfg.resume):
             loaded, meta = checkpoint.load_checkpoint(cfg.resume, cfg, source, model, device)
-            records, data_seen = list(meta["records"]), meta.get("data")
-            done = {r["producer"] for r in records}
+            records, data_seen = [UnitRecord.from_dict(r) for r in meta["records"]], meta.get("data")
+            done = {r.producer for r in records}
             # the whole checkpointed model: a per-unit fine-tune may have changed any layer
             transplant(model, loaded)
     replay = Replay(model, data, spec.num_images, device, host_budget=cfg.replay_memory,
@@ -82,7 +83,7 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
         replay.commit(unit, d.keep)
         if cfg.finetune is not None:
             cfg.finetune(model, unit, index)
-        records.append(dict(d.record(), replay=source_pass.describe()))
+        records.append(d.record().replace(replay=source_pass.describe()))
         if cfg.resume:
             checkpoint.save_checkpoint(cfg.resume, model, cfg, source, records, data_seen)
     return records
@@ -95,7 +96,7 @@ def _digested(batches, digest):
 
 
 def run_oneshot(model: nn.Module, units: list[Unit], n_keep: dict[str, int], data, cfg: PruneConfig,
-                device, spec: StatsSpec, timer: Timings, stats: dict | None = None) -> list[dict]:
+                device, spec: StatsSpec, timer: Timings, stats: dict | None = None) -> list[UnitRecord]:
     """One pass collects every unit's statistics (unless the budget pass already did);
     ThiNet's greedy runs as one batched call."""
     if stats is None:
