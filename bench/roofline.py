@@ -128,7 +128,7 @@ except ImportError:  # run from a checkout without an install
 
 from thinet_fast.counting import profile
 from thinet_fast.ops.stats import choose_mode
-from thinet_fast.pipeline.config import n_keep_for
+from thinet_fast.pipeline.keeps import n_keep_for
 from thinet_fast.rewrite import prune_unit_
 from thinet_fast.segments import Segments, State
 from thinet_fast.units import Unit, find_units

@@ -1,6 +1,7 @@
 """The only layer that knows both modules and math: statistics → selection →
 reconstruction → rewrite, under a schedule."""
-from .config import PruneConfig, n_keep_for
+from .config import PruneConfig
+from .keeps import n_keep_for
 from .prune import PruneResult, prune
 from .collect import collect_statistics
 from .calibrate import recalibrate_batchnorm

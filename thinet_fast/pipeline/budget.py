@@ -11,6 +11,7 @@ from ..ops.budget import allocate_budget
 from ..rewrite import prune_unit_
 from ..units import Unit, get_module
 from ..ops.stats import Statistics
+from .keeps import min_counts
 from .methods import SelectContext, get_method
 
 
@@ -46,7 +47,7 @@ def allocate_flops(model: nn.Module, units: list[Unit], stats: dict[str, Statist
     curves = [s.curve for s in selections]
     costs = _channel_costs(model, units, example)
     total = count_flops(model, example)
-    mins = [max(1, int(round(min_keep * u.channels))) for u in units]
+    mins = min_counts(units, min_keep)
     goal = (1.0 - flops_target) * total
     target = goal
     for _ in range(rounds):

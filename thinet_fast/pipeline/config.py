@@ -195,11 +195,3 @@ def _check_keep(v, name):
     else:
         raise TypeError(f"{name} must be a float fraction or an int count; got {type(v).__name__}")
 
-
-def n_keep_for(channels: int, keep: float | int, who: str = "keep") -> int:
-    """Channels kept for a fraction (rounded to nearest, at least 1) or an explicit count."""
-    if isinstance(keep, int) and not isinstance(keep, bool):
-        if keep > channels:
-            raise ValueError(f"{who}={keep} asks for more channels than the producer has ({channels})")
-        return keep
-    return max(1, min(channels, int(round(channels * float(keep)))))

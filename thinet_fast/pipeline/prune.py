@@ -15,7 +15,8 @@ from ..units import UnitPlan, find_units
 from .budget import allocate_flops
 from .calibrate import recalibrate_batchnorm
 from .collect import StatsSpec, collect_units, iter_batches, model_device, progress_bar
-from .config import PruneConfig, n_keep_for
+from . import keeps
+from .config import PruneConfig
 from .methods import selection_backend
 from .schedules import run_oneshot, run_sequential, transplant
 from .timing import Timings
@@ -63,15 +64,6 @@ def _example_input(data, device, model: nn.Module) -> torch.Tensor:
                          f"{tuple(x.shape)}. Add the batch dimension (x.unsqueeze(0)) or the channel one "
                          "(x.unsqueeze(1)); a 3-D tensor would be taken as one image")
     return x
-
-
-def _plan_keeps(plan: UnitPlan, cfg: PruneConfig, preset) -> dict[str, int]:
-    if preset is not None:
-        return preset.keep_for(plan)
-    keep = 0.5 if cfg.keep is None else cfg.keep
-    if isinstance(keep, Mapping):
-        return {u.producer: n_keep_for(u.channels, keep[u.producer], f"keep[{u.producer!r}]") for u in plan.units}
-    return {u.producer: n_keep_for(u.channels, keep) for u in plan.units}
 
 
 def _warn_scarce(records: list[dict], notes: list[str]) -> None:
@@ -149,7 +141,7 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
                 backend=selection_backend("thinet", cfg.backend, device))
         notes.append(note)
     else:
-        n_keep = _plan_keeps(plan, cfg, preset)
+        n_keep = keeps.for_config(plan, cfg, preset)
 
     if cfg.schedule == "sequential":
         records = run_sequential(work, plan.units, n_keep, data, cfg, device, spec, timer)
