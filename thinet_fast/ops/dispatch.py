@@ -105,6 +105,57 @@ def cext():
     return mod
 
 
+# every op with more than one implementation: its backends in "auto" order, and the
+# accumulation dtypes each backend takes (absent: any)
+OPS: dict[str, tuple[tuple[str, ...], dict[str, tuple[torch.dtype, ...]]]] = {
+    "greedy_remove": (("cuda", "cupy", "triton", "cpu", "torch"), {}),
+    "greedy_keep_ls": (("cuda", "cupy", "cpu", "torch"), {}),
+    "statistics": (("triton", "torch"), {"triton": (torch.float32,)}),   # sampled/full accumulation
+    "direct_gram": (("torch",), {}),                                     # direct-mode accumulation
+    "sampled_gram": (("triton", "torch"), {"triton": (torch.float32,)}),
+    "patch_moments": (("triton", "torch"), {"triton": (torch.float32,)}),
+    "gram_from_cov": (("triton", "torch"), {"triton": (torch.float32,)}),
+}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The backend that runs ``op``, and why it is not the preference (empty if it is)."""
+
+    op: str
+    backend: str
+    reason: str = ""
+
+
+def _resolve(op: str, preference: str, device: torch.device, dtype) -> Resolution:
+    supported, dtypes = OPS[op]
+    reason = ""
+    if preference != "auto" and preference not in supported:
+        reason = f"{op} has no {preference!r} implementation (it has {supported}); chose automatically"
+        preference = "auto"
+    if preference != "auto" and dtype is not None and dtype not in dtypes.get(preference, (dtype,)):
+        reason = f"{op} on {preference!r} accumulates in {dtypes[preference]}, not {dtype}; ran on torch"
+        return Resolution(op, "torch", reason)
+    if preference == "auto":
+        usable = tuple(b for b in supported if dtype is None or dtype in dtypes.get(b, (dtype,)))
+        return Resolution(op, choose("auto", device, usable, op), reason)
+    return Resolution(op, choose(preference, device, supported, op), reason)
+
+
+def resolve(op: str, preference: str, device, dtype: torch.dtype | None = None) -> Resolution:
+    """The one place a backend is chosen for ``op`` (a key of :data:`OPS`).
+
+    ``preference`` is "auto" or a backend name, usually the run's ``backend=``. A
+    preference the op lacks, or a dtype its kernel does not take, falls back here, with
+    the reason in the result; an explicit preference that is missing on this machine
+    raises :class:`BackendUnavailable`."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops with backends: {sorted(OPS)}")
+    if preference != "auto" and preference not in BACKEND_NAMES:
+        raise ValueError(f"backend={preference!r} is not one of {BACKEND_NAMES + ('auto',)}")
+    return _resolve(op, preference, torch.device(device), dtype)
+
+
 def choose(backend: str, device: torch.device | str, supported: tuple[str, ...], op: str) -> str:
     """Resolve ``backend`` for ``op`` on tensors living on ``device``.
 

@@ -31,6 +31,19 @@ def _chunks(n: int, per_item: int):
         yield slice(start, min(n, start + step))
 
 
+def _backend(op: str, backend: str, device, dtype) -> str:
+    """The resolver's choice for ``op`` ("auto"); an explicit backend that cannot take
+    ``dtype`` is an error, never a silent switch."""
+    if backend == "auto":
+        return dispatch.resolve(op, "auto", device, dtype).backend
+    name = dispatch.choose(backend, device, dispatch.OPS[op][0], op)
+    allowed = dispatch.OPS[op][1].get(name)
+    if allowed is not None and dtype not in allowed:
+        raise ValueError(f"{op}: backend {name!r} accumulates in {allowed}, got {dtype}; "
+                         "use backend='auto' or 'torch'")
+    return name
+
+
 def _triton(name: str):
     from . import triton as tri  # lazy: triton is optional
     return getattr(tri, name)
@@ -40,8 +53,8 @@ def _triton(name: str):
 def sampled_gram(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k, *,
                  acc_dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
     """XᵀX for one sampled output channel ``k[s]`` per sample (S,). x is (N, C, H, W)."""
-    name = dispatch.choose(backend, x.device, _TRITON_FIRST, "sampled_gram")
-    if name == "triton" and acc_dtype == torch.float32:
+    name = _backend("sampled_gram", backend, x.device, acc_dtype)
+    if name == "triton":
         return _triton("sampled_gram_triton")(x, kernel, geometry, img, oy, ox, k, acc_dtype=acc_dtype)
     C, t = x.shape[1], geometry.taps
     G = torch.zeros(C, C, dtype=acc_dtype, device=x.device)
@@ -63,8 +76,8 @@ def sampled_gram_ref(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k, *,
 def patch_moments(x, geometry: ConsumerGeometry, img, oy, ox, *,
                   acc_dtype: torch.dtype = torch.float32, backend: str = "auto"):
     """(P, zsum): P = Σ_s vec(z_s) vec(z_s)ᵀ of shape (C·t, C·t), zsum = Σ_s vec(z_s)."""
-    name = dispatch.choose(backend, x.device, _TRITON_FIRST, "patch_moments")
-    if name == "triton" and acc_dtype == torch.float32:
+    name = _backend("patch_moments", backend, x.device, acc_dtype)
+    if name == "triton":
         return _triton("patch_moments_triton")(x, geometry, img, oy, ox, acc_dtype=acc_dtype)
     D = x.shape[1] * geometry.taps
     P = torch.zeros(D, D, dtype=acc_dtype, device=x.device)
@@ -127,8 +140,9 @@ def gram_from_covs(kernel, Ps, *, backend: str = "auto", patches=()) -> list[tor
     if not Ps and not patches:
         return []
     like = (Ps or patches)[0]
-    name = dispatch.choose(backend, like.device, _TRITON_FIRST, "gram_from_cov")
-    if name == "triton" and all(P.dtype == torch.float32 for P in Ps + patches):
+    dtypes = {P.dtype for P in Ps + patches}
+    name = _backend("gram_from_cov", backend, like.device, dtypes.pop() if len(dtypes) == 1 else None)
+    if name == "triton":
         return [_triton("gram_from_cov_triton")(kernel, P) for P in Ps + [Z.T @ Z for Z in patches]]
     K, C = kernel.shape[0], kernel.shape[1]
     Wf = kernel.reshape(K, -1).to(like.dtype)
@@ -166,7 +180,7 @@ def direct_gram(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k=None, *,
                 acc_dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
     """Σ_s Σ_{k in K_s} x̂_{s,k} x̂_{s,k}ᵀ: every output (``k=None``) or the (S, R)
     sampled outputs ``k`` of each sample. Memory stays O(C²) whatever t is."""
-    dispatch.choose(backend, x.device, ("torch",), "direct_gram")
+    dispatch.choose(backend, x.device, dispatch.OPS["direct_gram"][0], "direct_gram")
     C, t = x.shape[1], geometry.taps
     W = kernel.reshape(kernel.shape[0], C, t).to(acc_dtype)
     R = W.shape[0] if k is None else k.shape[1]

@@ -21,8 +21,8 @@ __all__ = [
     "prepare_batch", "removal_to_keep", "DEFAULT_RIDGE", "GREEDY_REMOVE_BACKENDS", "KEEP_LS_BACKENDS",
 ]
 
-GREEDY_REMOVE_BACKENDS = ("cuda", "cupy", "triton", "cpu", "torch")
-KEEP_LS_BACKENDS = ("cuda", "cupy", "cpu", "torch")
+GREEDY_REMOVE_BACKENDS = dispatch.OPS["greedy_remove"][0]
+KEEP_LS_BACKENDS = dispatch.OPS["greedy_keep_ls"][0]
 
 
 # ---------------------------------------------------------------------------- input

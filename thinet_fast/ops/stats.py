@@ -31,7 +31,7 @@ from .patches import ConsumerGeometry, gather_patches
 __all__ = ["Statistics", "HeldOut", "StatsAccumulator", "choose_mode", "MODES", "HOLDOUT_EVERY"]
 
 MODES = ("sampled", "full", "direct")
-STATS_BACKENDS = ("triton", "torch")
+STATS_BACKENDS = dispatch.OPS["statistics"][0]
 # P is (C·t)²: above this it no longer pays to keep it (VGG conv5: 4608).
 MAX_COV_DIM = 8192
 HOLDOUT_EVERY = 5           # one image in five is held out
@@ -77,6 +77,7 @@ class Statistics:
     elements: int                      # entries per channel looked at for `zeros`
     cov: torch.Tensor | None = None    # (C·t, C·t) Σ vec(z) vec(z)ᵀ, full mode only
     backend: str = "torch"
+    backend_note: str = ""                   # why ``backend`` is not the requested one, if it is not
     heldout: HeldOut | None = None     # part of the totals above, also kept apart
     patches: torch.Tensor | None = None  # (S, C·t) every sampled patch, while fewer than C·t/2
 
@@ -141,6 +142,7 @@ class StatsAccumulator:
     holdout_max: int | None = None
     fold_seed: int | None = None
     images_seen: int = 0
+    backend_note: str = field(init=False, default="")
     _state: dict = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -180,11 +182,11 @@ class StatsAccumulator:
             self._state["cov_rows"] = []
             self._state["cov_held"] = []   # which buffered rows are held out
             self._state["folded"] = False  # True once P holds rows: then not every patch is kept
-        self.backend = dispatch.choose(self.backend, dev, STATS_BACKENDS, "statistics")
-        if self.backend == "triton" and (self.dtype != torch.float32 or self.mode == "direct"):
-            # the Triton kernels accumulate in float32 and have no direct mode: this unit's
-            # statistics run on torch, and its ``backend`` (reported per unit) says so
-            self.backend = "torch"
+        # the Triton kernels accumulate in float32 and have no direct mode: the resolver
+        # decides, and its reason goes to the report with the backend
+        choice = dispatch.resolve("direct_gram" if self.mode == "direct" else "statistics", self.backend, dev,
+                                  self.dtype)
+        self.backend, self.backend_note = choice.backend, choice.reason
 
     @property
     def channels(self) -> int:
@@ -385,7 +387,7 @@ class StatsAccumulator:
         return Statistics(
             mode=self.mode, gram=gram, count=st["count"], patch_count=st["patch_count"],
             patch_sum=st["patch_sum"].reshape(C, t).clone(), zeros=st["zeros"].clone(), elements=st["elements"],
-            cov=cov, backend=self.backend, heldout=heldout, patches=patches,
+            cov=cov, backend=self.backend, backend_note=self.backend_note, heldout=heldout, patches=patches,
         )
         if release:
             self._state = None

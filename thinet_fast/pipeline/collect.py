@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from ..modes import preserved_modes
 from ..ops.draws import image_keys
 from ..ops.patches import ConsumerGeometry
-from ..ops.stats import MAX_COV_DIM, STATS_BACKENDS, Statistics, StatsAccumulator, choose_mode
+from ..ops.dispatch import BACKEND_NAMES
+from ..ops.stats import MAX_COV_DIM, Statistics, StatsAccumulator, choose_mode
 from ..segments import batch_size
 from ..units import Unit, get_module
 from .methods import get_method
@@ -72,15 +73,15 @@ class StatsSpec:
             raise ValueError(f"statistics={self.statistics!r} is not one of ('sampled', 'full', 'direct', 'auto')")
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
             raise ValueError(f"num_images must be an int >= 1; got {self.num_images!r}")
-        if self.backend not in STATS_BACKENDS + ("auto",):
-            object.__setattr__(self, "backend", "auto")  # a selection-only backend name
+        if self.backend not in ("auto",) + BACKEND_NAMES:
+            raise ValueError(f"backend={self.backend!r} is not one of {('auto',) + BACKEND_NAMES}")
 
     @classmethod
     def from_config(cls, cfg) -> "StatsSpec":
         """The spec a :class:`PruneConfig` asks for (the one place that reads its
         statistics options)."""
         return cls(statistics=cfg.statistics, num_images=cfg.num_images, samples_per_image=cfg.samples_per_image,
-                   seed=cfg.seed, dtype=cfg.stats_dtype, backend=cfg.backend_for(STATS_BACKENDS),
+                   seed=cfg.seed, dtype=cfg.stats_dtype, backend=cfg.backend,
                    with_cov=cfg.reconstruction == "full", count_zeros="zeros" in get_method(cfg.method).needs,
                    holdout=cfg.holdout if cfg.reconstruction != "none" else 0)
 

@@ -8,13 +8,14 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..ops.dispatch import BACKEND_NAMES
 from .methods import method_names
 
 METHODS = method_names()  # the built-in methods; register_method() adds more
 STATISTICS = ("sampled", "full", "direct", "auto")
 RECONSTRUCTIONS = ("scale", "full", "none")
 SCHEDULES = ("sequential", "oneshot")
-BACKENDS = ("auto", "torch", "cpu", "cuda", "cupy", "triton")
+BACKENDS = ("auto",) + BACKEND_NAMES
 
 
 @dataclass
@@ -157,10 +158,6 @@ class PruneConfig:
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0 or \
                 self.holdout == 1:
             raise ValueError(f"holdout must be 0 (none) or an int >= 2 (every n-th image held out); got {self.holdout!r}")
-
-    def backend_for(self, supported: tuple[str, ...]) -> str:
-        """The backend an op implementing ``supported`` should be asked for."""
-        return self.backend if self.backend in supported else "auto"
 
     def replace(self, **changes) -> "PruneConfig":
         return dataclasses.replace(self, **changes)

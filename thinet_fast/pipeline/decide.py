@@ -11,7 +11,7 @@ from ..ops import reconstruct
 from ..ops.stats import Statistics
 from ..records import UnitRecord
 from ..units import Unit
-from .methods import SelectContext, get_method, selection_backend
+from .methods import SelectContext, get_method, selection_backend, selection_resolution
 
 
 @dataclass
@@ -73,7 +73,10 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
     keep_dev = keep.to(consumer.weight.device)
     K = consumer.weight.shape[0]
     W = consumer.weight.detach().reshape(K, unit.channels, -1)   # (K, C, t)
-    notes = []
+    notes = [f"statistics backend: {stats.backend_note}"] if stats.backend_note else []
+    why = selection_resolution(method, backend, stats.gram.device).reason
+    if why:
+        notes.append(f"selection backend: {why}")
     recon = reconstruction
     if recon == "full" and stats.cov is None and stats.patches is None:
         recon = "scale"

@@ -62,7 +62,8 @@ class Method:
             ctx) -> list[Selection]`` (one call for a one-shot prune).
         rank: optional ``rank(G, ctx) -> removal order of every channel but one`` from a
             Gram alone (what the Torch-Pruning importance needs).
-        backends: the selection backends it can run on (``("torch",)`` by default).
+        op: the :data:`~thinet_fast.ops.dispatch.OPS` op its selection runs (its
+            backends come from there), or None: plain torch.
         summary: one line for the CLI and docs.
     """
 
@@ -71,7 +72,7 @@ class Method:
     needs: frozenset = field(default_factory=frozenset)
     select_many: Optional[Callable] = None
     rank: Optional[Callable[[torch.Tensor, SelectContext], torch.Tensor]] = None
-    backends: tuple = ("torch",)
+    op: Optional[str] = None
     summary: str = ""
 
     def __post_init__(self):
@@ -80,6 +81,8 @@ class Method:
         if not callable(self.select):
             raise TypeError(f"method {self.name!r}: select must be callable")
         object.__setattr__(self, "needs", frozenset(self.needs))
+        if self.op is not None and self.op not in dispatch.OPS:
+            raise ValueError(f"method {self.name!r}: op {self.op!r} is not one of {sorted(dispatch.OPS)}")
         unknown = self.needs - NEEDS
         if unknown:
             raise ValueError(f"method {self.name!r} needs {sorted(unknown)}; the collector provides {sorted(NEEDS)}")
@@ -114,10 +117,15 @@ def method_names() -> tuple[str, ...]:
 
 
 def selection_backend(method: str, backend: str, device) -> str:
-    """The backend that runs ``method``'s selection for the pipeline's preference
-    ``backend`` ("auto" where the method lacks it)."""
-    supported = get_method(method).backends
-    return dispatch.choose(backend if backend in supported else "auto", device, supported, method)
+    """The backend that runs ``method``'s selection for the run's preference ``backend``."""
+    return selection_resolution(method, backend, device).backend
+
+
+def selection_resolution(method: str, backend: str, device) -> dispatch.Resolution:
+    op = get_method(method).op
+    if op is None:
+        return dispatch.Resolution(method, "torch")
+    return dispatch.resolve(op, backend, device)
 
 
 # ------------------------------------------------------------------ the built-in methods
@@ -164,9 +172,9 @@ def _lasso(stats, n_keep, ctx):
 
 
 for _m in (
-    Method("thinet", _thinet, select_many=_thinet_many, rank=_thinet_rank, backends=greedy.GREEDY_REMOVE_BACKENDS,
+    Method("thinet", _thinet, select_many=_thinet_many, rank=_thinet_rank, op="greedy_remove",
            summary="the paper's greedy removal on the next layer's Gram"),
-    Method("thinet_ls", _thinet_ls, rank=_thinet_ls_rank, backends=greedy.KEEP_LS_BACKENDS,
+    Method("thinet_ls", _thinet_ls, rank=_thinet_ls_rank, op="greedy_keep_ls",
            summary="forward selection with a least-squares refit (ThiNet journal version)"),
     Method("random", _scored(lambda s, ctx: baselines.random_scores(s.channels, ctx.seed)),
            summary="random channels (seeded)"),
