@@ -6,3 +6,41 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+def _triton_interpreter_ready() -> bool:
+    """Without a GPU, triton's kernels run only if they (and triton.language's own @jit
+    helpers) were decorated under TRITON_INTERPRET=1."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        import triton.language.standard as std
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from thinet_fast.ops.triton import gram as tri_gram
+    except Exception:
+        return False
+    return tri_gram.interpreted() and isinstance(std.zeros, InterpretedFunction)
+
+
+def backend_runs(name: str) -> bool:
+    """True if backend ``name`` can run kernels in this process."""
+    from thinet_fast.ops import dispatch
+
+    if not dispatch.backends()[name]:
+        return False
+    return name != "triton" or _triton_interpreter_ready()
+
+
+@pytest.fixture
+def random_gram():
+    """``random_gram(C, dtype=torch.float64, seed=0, samples=None)``: a PSD Gram XᵀX of
+    a random (samples, C) matrix (samples = 2C + 3 by default: full rank)."""
+    def make(C, dtype=torch.float64, seed=0, samples=None):
+        g = torch.Generator().manual_seed(seed)
+        X = torch.randn(samples or 2 * C + 3, C, generator=g, dtype=torch.float64)
+        return (X.T @ X).to(dtype)
+    return make

@@ -52,7 +52,9 @@ def _triton(name: str):
 # ------------------------------------------------------------------ sampled
 def sampled_gram(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k, *,
                  acc_dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
-    """XᵀX for one sampled output channel ``k[s]`` per sample (S,). x is (N, C, H, W)."""
+    """XᵀX for one sampled output channel ``k[s]`` per sample (S,). x is (N, C, H, W), or
+    (N, C·t) for a Linear consumer (``geometry.linear``)."""
+    x, kernel = geometry.as_map(x), geometry.as_kernel(kernel)
     name = _backend("sampled_gram", backend, x.device, acc_dtype)
     if name == "triton":
         return _triton("sampled_gram_triton")(x, kernel, geometry, img, oy, ox, k, acc_dtype=acc_dtype)
@@ -67,6 +69,7 @@ def sampled_gram(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k, *,
 
 def sampled_gram_ref(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k, *,
                      acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    x, kernel = geometry.as_map(x), geometry.as_kernel(kernel)
     z = gather_patches_ref(x.to(acc_dtype), geometry, img, oy, ox)
     X = contributions(z, kernel.to(acc_dtype), k)
     return X.T @ X
@@ -76,6 +79,7 @@ def sampled_gram_ref(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k, *,
 def patch_moments(x, geometry: ConsumerGeometry, img, oy, ox, *,
                   acc_dtype: torch.dtype = torch.float32, backend: str = "auto"):
     """(P, zsum): P = Σ_s vec(z_s) vec(z_s)ᵀ of shape (C·t, C·t), zsum = Σ_s vec(z_s)."""
+    x = geometry.as_map(x)
     name = _backend("patch_moments", backend, x.device, acc_dtype)
     if name == "triton":
         return _triton("patch_moments_triton")(x, geometry, img, oy, ox, acc_dtype=acc_dtype)
@@ -90,12 +94,14 @@ def patch_moments(x, geometry: ConsumerGeometry, img, oy, ox, *,
 
 
 def patch_moments_ref(x, geometry: ConsumerGeometry, img, oy, ox, *, acc_dtype: torch.dtype = torch.float32):
+    x = geometry.as_map(x)
     Z = gather_patches_ref(x.to(acc_dtype), geometry, img, oy, ox).reshape(img.numel(), -1)
     return Z.T @ Z, Z.sum(0)
 
 
 def patch_sum(x, geometry: ConsumerGeometry, img, oy, ox, *, acc_dtype: torch.dtype = torch.float32):
     """Σ_s vec(z_s), in bounded chunks (the first moment for bias compensation)."""
+    x = geometry.as_map(x)
     D = x.shape[1] * geometry.taps
     zsum = torch.zeros(D, dtype=acc_dtype, device=x.device)
     for sl in _chunks(img.numel(), D):
@@ -181,6 +187,7 @@ def direct_gram(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k=None, *,
     """Σ_s Σ_{k in K_s} x̂_{s,k} x̂_{s,k}ᵀ: every output (``k=None``) or the (S, R)
     sampled outputs ``k`` of each sample. Memory stays O(C²) whatever t is."""
     dispatch.choose(backend, x.device, dispatch.OPS["direct_gram"][0], "direct_gram")
+    x, kernel = geometry.as_map(x), geometry.as_kernel(kernel)
     C, t = x.shape[1], geometry.taps
     W = kernel.reshape(kernel.shape[0], C, t).to(acc_dtype)
     R = W.shape[0] if k is None else k.shape[1]
@@ -200,6 +207,7 @@ def direct_gram(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k=None, *,
 
 def direct_gram_ref(x, kernel, geometry: ConsumerGeometry, img, oy, ox, k=None, *,
                     acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    x, kernel = geometry.as_map(x), geometry.as_kernel(kernel)
     z = gather_patches_ref(x.to(acc_dtype), geometry, img, oy, ox)
     X = contributions(z, kernel.to(acc_dtype))  # (S, K, C)
     if k is not None:
