@@ -135,3 +135,47 @@ def test_unwritable_paths_fail_before_any_work(tmp_path):
         ro.chmod(0o500)
         with pytest.raises(PermissionError, match="not writable"):
             save(nn.Linear(2, 2), ro / "m.pt")
+
+
+def _crafted(tmp_path, **root_attrs):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    path = tmp_path / "good.pt"
+    save(m, path)
+    payload = torch.load(path, weights_only=True)
+    payload["architecture"]["modules"][0]["attrs"].update(root_attrs)
+    torch.save(payload, tmp_path / "crafted.pt")
+    return tmp_path / "crafted.pt"
+
+
+@pytest.mark.parametrize("attrs,match", [
+    # a method of the class replaced by a file-chosen callable
+    ({"eval": {"__ref__": "torch.nn.functional:relu"}}, "would replace Sequential.eval"),
+    ({"_forward_hooks": {"__dict__": {}}}, "internal"),
+    # a name reached through another module's attribute (torch imports os)
+    ({"act": {"__ref__": "torch:os.system"}}, "not defined in `torch` itself"),
+    # a partial binds arguments the model never chose
+    ({"act": {"__partial__": {"__ref__": "torch:save"}, "args": {"__tuple__": ["/tmp/x"]},
+              "keywords": {"__dict__": {}}}}, "refused"),
+    ({"act": {"__ref__": "torch.serialization:load"}}, "reads or writes files"),
+    ({"act": {"__ref__": "builtins:open"}}, "outside the model's own packages"),
+])
+def test_crafted_attributes_are_refused(tmp_path, attrs, match):
+    with pytest.raises(ValueError, match=match):
+        load(_crafted(tmp_path, **attrs))
+
+
+class _Act(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fn = torch.nn.functional.gelu  # a function attribute from a trusted package
+        self.norm = __import__("functools").partial(nn.BatchNorm1d, eps=1e-3)
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def test_plain_function_and_module_partial_attributes_load(tmp_path):
+    m = _Act()
+    save(m, tmp_path / "a.pt")
+    back = load(tmp_path / "a.pt")
+    assert back.fn is torch.nn.functional.gelu and back.norm.keywords == {"eps": 1e-3}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import sys
 from typing import Any, Iterable, Mapping
 
@@ -140,27 +141,64 @@ class _Resolver:
         return obj
 
 
-def _restore(v, resolve: _Resolver, trusted_refs: set[str]):
+def _restore(v, resolve: _Resolver, trusted_refs: set[str], where: str = "an attribute"):
     if isinstance(v, list):
-        return [_restore(x, resolve, trusted_refs) for x in v]
+        return [_restore(x, resolve, trusted_refs, where) for x in v]
     if isinstance(v, dict):
         if "__tuple__" in v:
-            return tuple(_restore(x, resolve, trusted_refs) for x in v["__tuple__"])
+            return tuple(_restore(x, resolve, trusted_refs, where) for x in v["__tuple__"])
         if "__dict__" in v:
-            return {k: _restore(x, resolve, trusted_refs) for k, x in v["__dict__"].items()}
+            return {k: _restore(x, resolve, trusted_refs, where) for k, x in v["__dict__"].items()}
         if "__partial__" in v:
-            return functools.partial(_restore(v["__partial__"], resolve, trusted_refs),
-                                     *_restore(v["args"], resolve, trusted_refs),
-                                     **_restore(v["keywords"], resolve, trusted_refs))
+            func = _restore(v["__partial__"], resolve, trusted_refs, where)
+            # a partial binds arguments the model never chose: only module classes
+            # (e.g. torchvision's norm_layer=partial(BatchNorm2d, eps=...)) and functionals
+            if not (_module_class(func) or getattr(func, "__module__", "") == "torch.nn.functional"):
+                raise DescriptionError(f"{where}: a partial of {func!r} is refused (only of nn.Module classes "
+                                       "and torch.nn.functional)")
+            return functools.partial(func, *_restore(v["args"], resolve, trusted_refs, where),
+                                     **_restore(v["keywords"], resolve, trusted_refs, where))
         if "__ref__" in v:
-            name = v["__ref__"]
-            if name.partition(":")[0].split(".")[0] not in trusted_refs:
-                raise DescriptionError(f"the file refers to `{name}` outside the model's own packages; refused")
-            return resolve(name, "the attribute")
+            return _reference(v["__ref__"], resolve, trusted_refs, where)
         raise DescriptionError(f"unknown tagged value {sorted(v)}")
     if not isinstance(v, _PLAIN):
         raise DescriptionError(f"unexpected {type(v).__name__} in a description")
     return v
+
+
+def _module_class(obj) -> bool:
+    return isinstance(obj, type) and issubclass(obj, nn.Module)
+
+
+def _reference(name: str, resolve: _Resolver, trusted_refs: set[str], where: str):
+    """A class or function named ``module:qualname``: defined there itself (no walking
+    through other modules' attributes), in a trusted package, and not a file or
+    process function."""
+    mod, _, qual = name.partition(":")
+    if mod.split(".")[0] not in trusted_refs:
+        raise DescriptionError(f"{where}: the file refers to `{name}` outside the model's own packages; refused")
+    obj = resolve(name, "the attribute")
+    if getattr(obj, "__module__", None) != mod or getattr(obj, "__qualname__", None) != qual:
+        raise DescriptionError(f"{where}: `{name}` is not defined in `{mod}` itself; refused")
+    if isinstance(obj, type) and not _module_class(obj):
+        raise DescriptionError(f"{where}: `{name}` is a class but not an nn.Module; refused")
+    if qual.split(".")[-1] in _REFUSED_NAMES:
+        raise DescriptionError(f"{where}: `{name}` reads or writes files; refused")
+    return obj
+
+
+_REFUSED_NAMES = frozenset({"load", "save", "open", "from_file", "read_file", "write_file", "system", "exec",
+                            "eval", "compile", "import_module", "__import__"})
+
+
+def _check_attr(cls: type, name: str, where: str) -> None:
+    """An attribute from the file may only shadow plain class data: never a method, a
+    property or torch's internals (the model's own code must run, not the file's)."""
+    if name in _INTERNAL or name.startswith("__"):
+        raise DescriptionError(f"{where}: attribute `{name}` is internal; refused")
+    static = inspect.getattr_static(cls, name, None)
+    if static is not None and (callable(static) or hasattr(static, "__get__")):
+        raise DescriptionError(f"{where}: attribute `{name}` would replace {cls.__name__}.{name}; refused")
 
 
 def rebuild(desc: Mapping, tensors: Mapping[str, torch.Tensor], *,
@@ -175,10 +213,11 @@ def rebuild(desc: Mapping, tensors: Mapping[str, torch.Tensor], *,
     classes = {}
     for rec in desc["modules"]:
         cls = resolve(rec["class"], "module class")
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or "__new__" in vars(cls):
+        if not _module_class(cls) or cls.__new__ is not object.__new__:
             raise DescriptionError(f"`{rec['class']}` is not a plain nn.Module subclass; refused")
         classes[rec["fqn"]] = cls
-    refs_ok = set(TRUSTED_PACKAGES) | set(trusted_modules) | {r["class"].split(".")[0] for r in desc["modules"]}
+    refs_ok = set(TRUSTED_PACKAGES) | set(trusted_modules) | {r["class"].partition(":")[0].split(".")[0]
+                                                                for r in desc["modules"]}
     tied = desc.get("tied", {})
     built: dict[str, nn.Module] = {}
     params: dict[str, torch.Tensor] = {}
@@ -186,7 +225,10 @@ def rebuild(desc: Mapping, tensors: Mapping[str, torch.Tensor], *,
         fqn = rec["fqn"]
         m = classes[fqn].__new__(classes[fqn])
         nn.Module.__init__(m)
-        m.__dict__.update({k: _restore(v, resolve, refs_ok) for k, v in rec["attrs"].items()})
+        where = f"module `{fqn or '<root>'}`"
+        for k in rec["attrs"]:
+            _check_attr(classes[fqn], k, where)
+        m.__dict__.update({k: _restore(v, resolve, refs_ok, f"{where}.{k}") for k, v in rec["attrs"].items()})
         m.training = bool(rec["training"])
         for table, entries, kind in ((m._parameters, rec["params"], "parameter"), (m._buffers, rec["buffers"], "buffer")):
             for k, flag in entries.items():
