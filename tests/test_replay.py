@@ -209,3 +209,38 @@ def test_bottleneck_replay_runs_each_conv_once_per_batch():
     print(sorted(calls.values()))
     assert any(" with `" in h for h in how)  # some states hold two values
     assert calls and max(calls.values()) == 3  # three batches, each conv once per batch
+
+
+class _InPlace(nn.Module):
+    """Cached states read by in-place functions (torch.sigmoid_, F.relu(x, True), a
+    a method through a view): replay must copy them, and equal the re-run schedule."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv4 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv5 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x0 = self.conv0(x)
+        h = torch.relu(self.conv1(x0))
+        torch.sigmoid_(x0)
+        h2 = nn.functional.relu(self.conv2(h), True)
+        x0.narrow(1, 0, 2).mul_(0.5)  # through a view
+        y = self.conv3(h2) + x0
+        return self.conv5(torch.relu(self.conv4(y)))
+
+
+def test_replay_copies_states_that_in_place_ops_change():
+    torch.manual_seed(0)
+    model = _InPlace().eval()
+    x = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    kw = dict(keep=0.5, num_images=16, samples_per_image=4, progress=False, schedule="sequential")
+    a = tf.prune(model, [x[:8], x[8:]], replay_memory=0, **kw)
+    b = tf.prune(model, [x[:8], x[8:]], **kw)
+    print([u["replay"] for u in b.report.units])
+    assert sum("replayed from" in u["replay"] for u in b.report.units) >= 1
+    assert _max_rel(a.model, b.model) < 1e-5

@@ -14,6 +14,7 @@ are rewritten. At a cut point a state is passed as its one value, elsewhere as a
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Iterable
 
@@ -26,7 +27,48 @@ from .tracing import trace
 
 __all__ = ["Segments", "State"]
 
-_INPLACE_FNS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ior, operator.iand}
+_INPLACE_FNS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+                operator.ipow, operator.ior, operator.iand, operator.ixor, operator.ilshift, operator.irshift,
+                operator.imatmul, operator.setitem}
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "squeeze", "unsqueeze", "transpose", "t",
+                 "permute", "narrow", "expand", "expand_as", "as_strided", "unflatten", "movedim", "swapaxes",
+                 "split", "chunk", "unbind", "select", "__getitem__", "detach", "contiguous", "unfold", "diagonal"}
+_VIEW_FNS = {operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.squeeze, torch.unsqueeze,
+             torch.permute, torch.narrow, torch.split, torch.chunk, torch.unbind, torch.select, torch.t,
+             torch.movedim, torch.swapaxes, torch.diagonal, torch.detach}
+
+
+def _fn_name(u: fx.Node) -> str:
+    return str(u.target) if u.op == "call_method" else getattr(u.target, "__name__", "")
+
+
+def _writes_in_place(model: nn.Module, u: fx.Node, value: fx.Node) -> bool:
+    """True if node ``u`` may write into ``value`` (one of its inputs) in place."""
+    if u.kwargs.get("inplace") or "out" in u.kwargs:
+        return True
+    if u.op == "call_function":
+        name = _fn_name(u)
+        if u.target in _INPLACE_FNS or (name.endswith("_") and not name.endswith("__")):
+            return True
+        try:  # a positional inplace=True, as in F.relu(x, True)
+            params = list(inspect.signature(u.target).parameters)
+        except (TypeError, ValueError):
+            params = []
+        if "inplace" in params and len(u.args) > params.index("inplace") and u.args[params.index("inplace")] is True:
+            return True
+    if u.op == "call_method":
+        name = _fn_name(u)
+        if (name.endswith("_") and not name.endswith("__")) or name == "__setitem__":
+            return True
+    if u.op == "call_module":
+        m = get_module(model, str(u.target))
+        if getattr(m, "inplace", False):
+            return True
+    return False
+
+
+def _is_view(u: fx.Node) -> bool:
+    return (u.op == "call_method" and u.target in _VIEW_METHODS) or (u.op == "call_function" and u.target in _VIEW_FNS)
 
 
 def _attr(model: nn.Module, target: str):
@@ -146,13 +188,18 @@ class Segments:
         return any(self._mutated(model, i) for i in self.live(pos))
 
     def _mutated(self, model: nn.Module, pos: int) -> bool:
-        for u in self.nodes[pos].users:
-            if u.kwargs.get("inplace") or (u.op == "call_function" and u.target in _INPLACE_FNS):
-                return True
-            if u.op == "call_method" and str(u.target).endswith("_"):
-                return True
-            if u.op == "call_module" and getattr(get_module(model, str(u.target)), "inplace", False):
-                return True
+        """Conservative: an in-place reader of the value, or of a view of it."""
+        todo, seen = [self.nodes[pos]], set()
+        while todo:
+            node = todo.pop()
+            for u in node.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if _writes_in_place(model, u, node):
+                    return True
+                if _is_view(u):
+                    todo.append(u)
         return False
 
     def run(self, model: nn.Module, start: int, value, *, capture: int | None = None, stop: int | None = None):
