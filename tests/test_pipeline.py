@@ -128,8 +128,11 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path):
     kw = dict(keep=0.5, num_images=16, samples_per_image=5, progress=False, reconstruction="full")
     full = tf.prune(model, data, **kw).model
 
+    fired = []
+
     def crash_at_3(m, unit, index):
-        if index == 3:
+        if index == 3 and not fired:
+            fired.append(index)
             raise _Interrupt("simulated crash")
 
     ckpt = tmp_path / "run.ckpt"
@@ -138,11 +141,11 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path):
     assert ckpt.exists()
     done = tf.load_meta(str(ckpt))["records"]
     assert len(done) == 3
-    resumed = tf.prune(model, data, resume=str(ckpt), **kw)
+    resumed = tf.prune(model, data, resume=str(ckpt), finetune=crash_at_3, **kw)
     assert len(resumed.report.units) == len(tf.find_units(model, data[0][0][:1]).units)
     assert _same_state(_state(full), _state(resumed.model))
     with pytest.raises(ValueError, match="different options"):
-        tf.prune(model, data, resume=str(ckpt), **{**kw, "keep": 0.25})
+        tf.prune(model, data, resume=str(ckpt), finetune=crash_at_3, **{**kw, "keep": 0.25})
 
 
 def test_hooks_removed_after_an_exception():
@@ -239,8 +242,11 @@ def test_resume_keeps_what_the_per_unit_finetune_changed_elsewhere(tmp_path):
         with torch.no_grad():
             m.classifier[-1].bias.add_(1.0)
 
+    crashed = []
+
     def nudge_then_crash(m, unit, index):
-        if index == 2:
+        if index == 2 and not crashed:
+            crashed.append(index)
             raise _Interrupt("simulated crash")
         nudge_head(m, unit, index)
 
@@ -248,7 +254,7 @@ def test_resume_keeps_what_the_per_unit_finetune_changed_elsewhere(tmp_path):
     ckpt = tmp_path / "run.ckpt"
     with pytest.raises(_Interrupt):
         tf.prune(model, data, resume=str(ckpt), finetune=nudge_then_crash, **kw)
-    resumed = tf.prune(model, data, resume=str(ckpt), finetune=nudge_head, **kw).model
+    resumed = tf.prune(model, data, resume=str(ckpt), finetune=nudge_then_crash, **kw).model
     assert _same_state(_state(full), _state(resumed))
 
 

@@ -152,7 +152,7 @@ def test_replay_resumes_and_per_unit_finetune_invalidates(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         tf.prune(model, data, resume=ckpt, finetune=stop_after_two, **kw)
-    resumed = tf.prune(model, data, resume=ckpt, **kw)
+    resumed = tf.prune(model, data, resume=ckpt, finetune=stop_after_two, **kw)  # the same callback
     assert _max_rel(resumed.model, want) < 1e-4
 
 

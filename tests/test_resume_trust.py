@@ -30,56 +30,74 @@ class _Stop(RuntimeError):
     pass
 
 
-def _interrupted(model, data, path, after=2, **kw):
-    def stop(m, unit, index):
-        if index == after:  # after `after` units are checkpointed
+class CrashOnce:
+    """A per-unit callback that interrupts the run once, after ``at`` units are
+    checkpointed (the same callback resumes: a checkpoint records which one ran)."""
+
+    def __init__(self, at):
+        self.at, self.fired = at, False
+
+    def __call__(self, m, unit, index):
+        if index == self.at and not self.fired:
+            self.fired = True
             raise _Stop
 
+
+def _interrupted(model, data, path, after=2, **kw):
+    crash = CrashOnce(after)
     with pytest.raises(_Stop):
-        tf.prune(model, data, resume=str(path), finetune=stop, **{**KW, **kw})
+        tf.prune(model, data, resume=str(path), finetune=crash, **{**KW, **kw})
     assert path.exists()
+    return crash
 
 
 def test_checkpoint_is_safe_and_resumes_exactly(tmp_path):
     model, data = _model(), _data()
-    want = tf.prune(model, data, **KW).model
+    want = tf.prune(model, data, finetune=CrashOnce(-1), **KW).model
     path = tmp_path / "run.ckpt"
-    _interrupted(model, data, path)
+    crash = _interrupted(model, data, path)
     payload = torch.load(path, weights_only=True)  # no pickled objects anywhere
     assert payload["skeleton"] is None and payload["architecture"] is not None
     assert len(payload["meta"]["records"]) == 2
-    got = tf.prune(model, data, resume=str(path), **KW).model
+    got = tf.prune(model, data, resume=str(path), finetune=crash, **KW).model
     for (k, a), (_, b) in zip(want.state_dict().items(), got.state_dict().items()):
         assert torch.equal(a, b), k
 
 
 def test_refuses_another_model(tmp_path):
     path = tmp_path / "run.ckpt"
-    _interrupted(_model(0), _data(), path)
+    crash = _interrupted(_model(0), _data(), path)
     with pytest.raises(ValueError, match=r"run\.ckpt.*another model"):
-        tf.prune(_model(1), _data(), resume=str(path), **KW)
+        tf.prune(_model(1), _data(), resume=str(path), finetune=crash, **KW)
+    with pytest.raises(ValueError, match="another finetune"):
+        tf.prune(_model(0), _data(), resume=str(path), **KW)
 
 
 def test_refuses_other_data(tmp_path):
     path = tmp_path / "run.ckpt"
     model, data = _model(), _data()
-    _interrupted(model, data, path)
+    crash = _interrupted(model, data, path)
     with pytest.raises(ValueError, match="first image differs"):
-        tf.prune(model, _data(seed=5), resume=str(path), **KW)
+        tf.prune(model, _data(seed=5), resume=str(path), finetune=crash, **KW)
     later = [data[0], (data[1][0] + 1.0,)]  # same first image, other later images
     with pytest.raises(ValueError, match=r"run\.ckpt.*other calibration data"):
-        tf.prune(model, later, resume=str(path), **KW)
+        tf.prune(model, later, resume=str(path), finetune=crash, **KW)
+    # other batch sizes are the same data
+    rebatched = [(torch.cat([data[0][0], data[1][0]])[i:i + 4],) for i in range(0, 16, 4)]
     # the refused runs left the checkpoint as it was: the right data still resumes
-    tf.prune(model, data, resume=str(path), **KW)
+    tf.prune(model, rebatched, resume=str(path), finetune=crash, **KW)
+    # a finished checkpoint still checks the data
+    with pytest.raises(ValueError, match="other calibration data"):
+        tf.prune(model, later, resume=str(path), finetune=crash, **KW)
 
 
 def test_refuses_other_units_and_filter(tmp_path):
     path = tmp_path / "run.ckpt"
     model, data = _model(), _data()
-    _interrupted(model, data, path)
+    crash = _interrupted(model, data, path)
     first = tf.find_units(model, data[0][0][:1]).units[0].producer
     with pytest.raises(ValueError, match="units"):
-        tf.prune(model, data, resume=str(path), units=[first], **KW)
+        tf.prune(model, data, resume=str(path), units=[first], finetune=crash, **KW)
 
 
 def test_corrupt_and_old_pickled_checkpoints(tmp_path):
@@ -110,9 +128,9 @@ def test_unwritable_resume_path_fails_before_any_unit(tmp_path):
 
 def test_resnet_checkpoint_round_trip(tmp_path):
     model, data = _model(cls=DemoResNet), _data()
-    want = tf.prune(model, data, **KW).model
+    want = tf.prune(model, data, finetune=CrashOnce(-1), **KW).model
     path = tmp_path / "r.ckpt"
-    _interrupted(model, data, path, after=3)
-    got = tf.prune(model, data, resume=str(path), **KW).model
+    crash = _interrupted(model, data, path, after=3)
+    got = tf.prune(model, data, resume=str(path), finetune=crash, **KW).model
     x = data[0][0]
     torch.testing.assert_close(got(x), want(x), rtol=0, atol=0)

@@ -6,6 +6,8 @@ plain description) whose ``meta`` holds the options, the per-unit records and th
 units and their kept counts, the ``filter_fn`` name, and the calibration data (a digest
 of the first image, then of every image once a pass has read them all). ``resume=``
 refuses a checkpoint whose options or source differ, naming the path and what differs.
+Under torch.distributed every rank checks, rank 0 writes, and the data digest covers
+every rank's shard.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from ..fingerprint import DataDigest, callable_name, model_fingerprint
+from ..ops.draws import image_keys
 from ..serialization import load, load_meta, save
 from ..units import Unit
 from .collect import iter_batches
@@ -26,11 +29,24 @@ CHECKPOINT_FORMAT = "thinet_fast-checkpoint/2"
 def run_source(model: nn.Module, units: list[Unit], n_keep: dict[str, int], data, cfg: PruneConfig,
                device) -> dict:
     """What a resumable run is made from (compared on ``resume=``)."""
-    first = DataDigest()
-    first.update(next(iter(iter_batches(data, 1, device))))
+    first = image_keys(next(iter(iter_batches(data, 1, device))))[:1]
+    if _world() > 1:  # rank 0's first image is the stream's first (DistributedSampler order)
+        torch.distributed.broadcast(first, src=0)
     return {"model": model_fingerprint(model), "units": [u.producer for u in units],
             "n_keep": {u.producer: int(n_keep[u.producer]) for u in units},
-            "filter_fn": callable_name(cfg.filter_fn), "first_image": first.hexdigest()}
+            "filter_fn": callable_name(cfg.filter_fn), "finetune": callable_name(cfg.finetune),
+            "first_image": f"{int(first):08x}"}
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def writes_checkpoints() -> bool:
+    """Under torch.distributed only rank 0 writes (every rank reads)."""
+    dist = torch.distributed
+    return _world() == 1 or dist.get_rank() == 0
 
 
 def save_checkpoint(path: str, model: nn.Module, cfg: PruneConfig, source: dict, records: list[dict],
@@ -63,7 +79,7 @@ def load_checkpoint(path: str, cfg: PruneConfig, source: dict, like: nn.Module, 
     diff = _differences(meta.get("source", {}), source)
     if diff:
         what = {"model": "another model (architecture or weights)", "units": "other units",
-                "n_keep": "other kept counts", "filter_fn": "another filter_fn",
+                "n_keep": "other kept counts", "filter_fn": "another filter_fn", "finetune": "another finetune",
                 "first_image": "other calibration data (the first image differs)"}
         raise ValueError(f"checkpoint {path} was made from {', '.join(what.get(k, k) for k in diff)}; "
                          "resume with the same model and data, or pass a new resume= path")

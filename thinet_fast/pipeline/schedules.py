@@ -76,7 +76,7 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
             stats = collect_units(model, [unit], batches, spec, first_index=index,
                                   forward=source_pass.forward(), bar=bar, timer=timer)[unit.producer]
         if hashing:
-            checkpoint.check_data(cfg.resume, data_seen, digest)
+            checkpoint.check_data(cfg.resume, data_seen, digest.all_reduce())
             data_seen = digest.as_dict()
         d = _decide(model, unit, stats, n_keep[unit.producer], cfg, timer)
         _apply(model, d, timer)
@@ -84,8 +84,13 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
         if cfg.finetune is not None:
             cfg.finetune(model, unit, index)
         records.append(d.record().replace(replay=source_pass.describe()))
-        if cfg.resume:
+        if cfg.resume and checkpoint.writes_checkpoints():
             checkpoint.save_checkpoint(cfg.resume, model, cfg, source, records, data_seen)
+    if digest is not None and digest.images == 0 and data_seen is not None:
+        # every unit came from the checkpoint: still check that the data is its data
+        for x in iter_batches(data, spec.num_images, device):
+            digest.update(x)
+        checkpoint.check_data(cfg.resume, data_seen, digest.all_reduce())
     return records
 
 
