@@ -287,3 +287,31 @@ def test_released_results_keep_patches_instead_of_P():
     err = ((released.covariance() - kept.cov).abs().max() / kept.cov.abs().max()).item()
     print("P from patches vs accumulated P", err)
     assert err < 1e-12 and torch.equal(released.gram, kept.gram)
+
+
+def test_fold_is_the_same_under_any_order_batching_or_sharding_when_the_cap_would_bind():
+    """With the pass's image count known, the fold is thinned by key to fit holdout_max:
+    shuffled, re-batched and sharded-then-merged feeds hold out the same images."""
+    gen = torch.Generator().manual_seed(0)
+    W, geo = torch.randn(4, 3, 3, 3, generator=gen), ConsumerGeometry.conv(3, padding=1)
+    x = torch.randn(200, 3, 8, 8, generator=gen)
+    keys = image_keys(x)
+
+    def acc(batches):
+        a = StatsAccumulator(W, geo, mode="sampled", samples_per_image=10, holdout_every=5, holdout_max=100,
+                             expected_images=200)
+        for xb, kb in batches:
+            a.update(xb, kb)
+        return a
+
+    perm = torch.randperm(200, generator=gen)
+    runs = {"one batch": acc([(x, keys)]), "shuffled": acc([(x[perm], keys[perm])]),
+            "batches of 7": acc([(x[i:i + 7], keys[i:i + 7]) for i in range(0, 200, 7)]),
+            "2 shards merged": acc([(x[0::2], keys[0::2])]) + acc([(x[1::2], keys[1::2])])}
+    base = runs["one batch"].result().heldout
+    print({k: a.result().heldout.images for k, a in runs.items()})
+    assert 0 < base.images and base.samples <= 100  # the 40 images every 5th would be 400 samples
+    for name, a in runs.items():
+        held = a.result().heldout
+        assert held.images == base.images, name
+        torch.testing.assert_close(held.gram, base.gram, rtol=1e-5, atol=1e-4)

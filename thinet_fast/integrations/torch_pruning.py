@@ -269,8 +269,9 @@ class ThiNetImportance(tp.importance.Importance):
     through ``.data`` are invisible to it: call :meth:`reset` then.
 
     Each consumer's accumulator is seeded as ``collect_statistics`` seeds a single unit
-    (``seed * 1_000_003``, plus a per-rank offset under ``torch.distributed``, where the
-    buffers are summed across processes), so for a plain unit the Gram equals
+    (``seed * 1_000_003``, its draws keyed by image content, so under
+    ``torch.distributed``, where the buffers are summed across processes, the result does
+    not depend on the sharding), so for a plain unit the Gram equals
     ``thinet_fast.collect_statistics(model, [unit], data, seed=seed, ...)``'s.
 
     Args:

@@ -18,6 +18,7 @@ Modes:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -126,6 +127,9 @@ class StatsAccumulator:
             at least 256); images past it join only the totals.
         fold_seed: seeds the held-out choice (None: ``seed``); accumulators with one
             fold seed hold out the same images.
+        expected_images: the images of the whole pass (all processes), if known: the
+            fold is then thinned by key to fit ``holdout_max``, the same whatever the
+            order or sharding (without it, images past the cap join only the totals).
     """
 
     kernel: torch.Tensor
@@ -141,6 +145,7 @@ class StatsAccumulator:
     holdout_every: int = HOLDOUT_EVERY
     holdout_max: int | None = None
     fold_seed: int | None = None
+    expected_images: int | None = None
     images_seen: int = 0
     backend_note: str = field(init=False, default="")
     _state: dict = field(init=False, repr=False)
@@ -290,7 +295,13 @@ class StatsAccumulator:
             return torch.zeros(keys.numel(), dtype=torch.bool)
         st = self._state
         seed = self.seed if self.fold_seed is None else self.fold_seed
-        mask = keyed(keys, seed, "holdout", 1)[:, 0] % self.holdout_every == 0
+        h = keyed(keys, seed, "holdout", 2)
+        mask = h[:, 0] % self.holdout_every == 0
+        if self.expected_images:
+            # thin the fold by key so that its patches fit holdout_max with room to spare:
+            # then the first-come cap below (which depends on order) practically never binds
+            expected = self.expected_images / self.holdout_every * max(per_image, 1)
+            mask &= h[:, 1] % max(1, math.ceil(2 * expected / max(self.holdout_max, 1))) == 0
         room = max(0, (self.holdout_max - st["held_samples"]) // max(per_image, 1))
         mask &= mask.cumsum(0) <= room
         st["held_images"] += int(mask.sum())
@@ -352,7 +363,8 @@ class StatsAccumulator:
     def __add__(self, other: "StatsAccumulator") -> "StatsAccumulator":
         out = StatsAccumulator(self.kernel, self.geometry, self.mode, self.samples_per_image,
                                self.outputs_per_sample, self.seed, self.dtype, self.backend, self.with_cov,
-                               self.count_zeros, self.holdout_every, self.holdout_max, self.fold_seed)
+                               self.count_zeros, self.holdout_every, self.holdout_max, self.fold_seed,
+                               self.expected_images)
         return out.merge(self).merge(other)
 
     def result(self, *, release: bool = False) -> Statistics:

@@ -49,8 +49,9 @@ class StatsSpec:
         statistics: "sampled", "full", "direct" or "auto" (per unit, by cost).
         num_images: images read from the data per pass.
         samples_per_image: sampled locations per image; None = every location.
-        seed: unit ``j`` draws from ``seed·1000003 + j`` (plus a per-rank offset under
-            torch.distributed, so each process draws its own samples).
+        seed: unit ``j`` draws with seed ``seed·1000003 + j``, per image key
+            (:mod:`thinet_fast.ops.draws`): the same under any batching or sharding;
+            the held-out fold uses ``seed`` itself, the same images for every unit.
         dtype: accumulation dtype.
         backend: the statistics kernels' backend ("triton", "torch" or "auto").
         with_cov: keep the patch covariance in every mode (the full refit needs it).
@@ -101,7 +102,13 @@ class StatsSpec:
             weight, geometry, mode=mode, samples_per_image=self.samples_per_image, seed=self.seed_for(index),
             dtype=self.dtype, backend=self.backend,
             with_cov=self.with_cov and mode != "full" and channels * geometry.taps <= MAX_COV_DIM,
-            count_zeros=self.count_zeros, holdout_every=self.holdout, fold_seed=self.seed)
+            count_zeros=self.count_zeros, holdout_every=self.holdout, fold_seed=self.seed,
+            expected_images=self.num_images * _world_size())
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def consumer_geometry(consumer: nn.Module, unit: Unit) -> ConsumerGeometry:
