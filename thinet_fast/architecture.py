@@ -17,7 +17,7 @@ import functools
 import importlib
 import inspect
 import sys
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn

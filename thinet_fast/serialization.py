@@ -160,7 +160,7 @@ def save(model: nn.Module, path: PathLike, *, meta: Optional[dict] = None, skele
     if named:
         check_writable(path, "save: path")
     try:
-        desc, why = architecture.describe(model), None
+        desc = architecture.describe(model)
     except architecture.DescriptionError as exc:
         desc = None
         warnings.warn(f"save: the model has no plain description ({exc}); the file loads only with "

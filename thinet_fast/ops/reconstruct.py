@@ -94,6 +94,7 @@ def _ridge_solve(A: torch.Tensor, B: torch.Tensor, ridge: float, prior: torch.Te
     lam = _lam(A, ridge)
     B = B.double() if prior is None else B.double() + lam * prior.double()
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    lam0 = lam
     # not numerically PD (rank-deficient float32 statistics): grow the ridge, then eigh;
     # never an SVD-based lstsq on the hot path
     for step in range(4):
@@ -102,7 +103,6 @@ def _ridge_solve(A: torch.Tensor, B: torch.Tensor, ridge: float, prior: torch.Te
             if step and prior is not None:  # the larger ridge pulls harder towards the prior
                 B = B + (lam - lam0) * prior.double()
             return torch.nan_to_num(torch.cholesky_solve(B, L), nan=0.0, posinf=0.0, neginf=0.0)
-        lam0 = lam if step == 0 else lam0
         lam *= 100.0
     lam = lam0
     evals, evecs = torch.linalg.eigh(A)
