@@ -116,8 +116,8 @@ def find_units(
         if errors:
             raise ValueError("find_units: requested producer(s) not prunable:\n  " + "\n  ".join(errors))
         keep = set(wanted)
-        return UnitPlan([u for u in found if u.producer in keep], [])
+        return UnitPlan([u for u in found if u.producer in keep], [], graph=gm)
     if filter_fn is not None:
         found = [u for u in found if filter_fn(modules[u.producer], u.producer)]
         refused = [r for r in refused if filter_fn(modules[r.producer], r.producer)]
-    return UnitPlan(found, refused)
+    return UnitPlan(found, refused, graph=gm)

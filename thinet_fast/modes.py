@@ -12,10 +12,11 @@ def preserved_modes(model: nn.Module, train: bool | None = None):
     """Inside: the whole model in train (``True``) or eval (``False``) mode, or as it is
     (``None``). On exit every submodule gets its own flag back."""
     flags = [(m, m.training) for m in model.modules()]
-    if train is not None:
+    if train is not None and any(flag != train for _, flag in flags):
         model.train(train)
     try:
         yield model
     finally:
         for m, flag in flags:
-            m.training = flag
+            if m.training != flag:  # a plain attribute test: cheap on deep models
+                m.training = flag

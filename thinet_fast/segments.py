@@ -98,8 +98,9 @@ class Segments:
 
     Node positions are indices in topological order; position 0 is the input."""
 
-    def __init__(self, model: nn.Module, leaf_modules: Iterable[str] = ()):
-        gm = trace(model, leaf_modules)
+    def __init__(self, model: nn.Module, leaf_modules: Iterable[str] = (), graph: fx.GraphModule | None = None):
+        """``graph``: the model's traced graph if there is one already (find_units's)."""
+        gm = graph if graph is not None else trace(model, leaf_modules)
         self.nodes: list[fx.Node] = list(gm.graph.nodes)
         self.pos = {n: i for i, n in enumerate(self.nodes)}
         inputs = [n for n in self.nodes if n.op == "placeholder"]

@@ -150,6 +150,7 @@ class UnitPlan:
 
     units: list[Unit] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
+    graph: Any = field(default=None, repr=False, compare=False)  # the traced fx.GraphModule, for reuse
 
     def __len__(self) -> int:
         return len(self.units)

@@ -125,7 +125,7 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
         unknown = sorted(set(cfg.keep) - {u.producer for u in plan.units})
         if unknown:
             raise ValueError(f"keep names producer(s) {unknown} that units=/filter_fn= did not select")
-        plan = UnitPlan([u for u in plan.units if u.producer in cfg.keep], plan.refused)
+        plan = UnitPlan([u for u in plan.units if u.producer in cfg.keep], plan.refused, graph=plan.graph)
     if not plan.units:
         raise ValueError("no prunable units were selected; see the refused channels:\n" + str(plan))
     notes = []
@@ -144,7 +144,7 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
         n_keep = keeps.for_config(plan, cfg, preset)
 
     if cfg.schedule == "sequential":
-        records = run_sequential(work, plan.units, n_keep, data, cfg, device, spec, timer)
+        records = run_sequential(work, plan.units, n_keep, data, cfg, device, spec, timer, graph=plan.graph)
     else:
         records = run_oneshot(work, plan.units, n_keep, data, cfg, device, spec, timer, stats=stats)
     _warn_scarce(records, notes)

@@ -66,14 +66,14 @@ class Replay:
     ``source.forward``, then ``replay.commit(unit, keep)`` after the unit is pruned."""
 
     def __init__(self, model: nn.Module, data, num_images: int, device: torch.device, *,
-                 host_budget: int | None = None, enabled: bool = True, images_only: bool = False):
+                 host_budget: int | None = None, enabled: bool = True, images_only: bool = False, graph=None):
         """``images_only``: cache the input batches only (a per-unit fine-tune may change
         any layer, so no later activation stays valid)."""
         self.model, self.data, self.num_images, self.device = model, data, num_images, device
         self.images_only = images_only
         self.dev_budget, self.host_budget = default_budgets(device, host_budget) if enabled else (0, 0)
         self.enabled = enabled and self.host_budget + self.dev_budget > 0
-        self.seg = Segments(model) if self.enabled else None
+        self.seg = Segments(model, graph=graph) if self.enabled else None
         self.cache: _Cache | None = None
         self._next: _Cache | None = None
         self._overflow = False

@@ -44,7 +44,7 @@ def transplant(model: nn.Module, source: nn.Module) -> None:
 
 # ------------------------------------------------------------------ schedules
 def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], data, cfg: PruneConfig,
-                   device, spec: StatsSpec, timer: Timings) -> list[UnitRecord]:
+                   device, spec: StatsSpec, timer: Timings, graph=None) -> list[UnitRecord]:
     """Paper schedule: statistics of each unit on the partly pruned model. Each unit's
     pass runs only the segment from the replay cache to its consumer (or from the
     images, past the cache's memory budget); a checkpoint after every unit when
@@ -62,7 +62,7 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
             # the whole checkpointed model: a per-unit fine-tune may have changed any layer
             transplant(model, loaded)
     replay = Replay(model, data, spec.num_images, device, host_budget=cfg.replay_memory,
-                    enabled=cfg.replay_memory != 0, images_only=cfg.finetune is not None)
+                    enabled=cfg.replay_memory != 0, images_only=cfg.finetune is not None, graph=graph)
     for index, unit in enumerate(units):
         if unit.producer in done:
             continue
