@@ -16,14 +16,10 @@ run ``vgg16-oneshot`` in its own process (``-k vgg16-oneshot``) for its RSS figu
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import prune_speed  # noqa: E402
+from bench import prune_speed
 
 
 @pytest.mark.parametrize("name", sorted(prune_speed.TARGETS))

@@ -3,11 +3,8 @@ independently (by hand for a tiny shape, by torch's FlopCounterMode on the *_ref
 implementations, by an aten-op tally, or from torchvision's own module list)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -21,11 +18,7 @@ from thinet_fast.ops.patches import ConsumerGeometry
 from thinet_fast.ops.stats import choose_mode
 from thinet_fast.units import find_units
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "roofline.py")
-_spec = importlib.util.spec_from_file_location("thinet_bench_roofline", _PATH)
-R = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = R
-_spec.loader.exec_module(R)
+from bench import roofline as R  # noqa: E402
 
 EXAMPLE = torch.empty(1, 3, 224, 224)
 
