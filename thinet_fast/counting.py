@@ -18,12 +18,12 @@ lives on the meta device): no real compute, no change to the model.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .tracing import shape_forward
 
@@ -105,15 +105,6 @@ class Profile:
         return self.table()
 
 
-def _layer_flops(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
-    if isinstance(m, nn.modules.conv._ConvNd):
-        # every output element costs (C_in / groups) * prod(kernel) multiply-adds
-        return 2 * out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
-    if isinstance(m, nn.Linear):
-        return 2 * out.numel() * m.in_features
-    return 0
-
-
 def _as_tuple(x: ExampleInputs) -> tuple:
     if isinstance(x, torch.Tensor):
         return (x,)
@@ -121,33 +112,47 @@ def _as_tuple(x: ExampleInputs) -> tuple:
 
 
 def profile(model: nn.Module, example_input: ExampleInputs) -> Profile:
-    """Run one shape-only forward with hooks on every Conv/Linear and return the counts."""
-    records: list[LayerCount] = []
+    """Run one shape-only forward and return the counts: FLOPs from torch's
+    ``FlopCounterMode`` (2 x MACs), attributed to each Conv/Linear module (the paper's
+    convention: other ops, e.g. attention matmuls, are not counted); shapes and
+    parameters from hooks on those modules."""
+    records: list[tuple] = []
     names = {m: n for n, m in model.named_modules()}
     handles = []
 
     def hook(m, args, out):
         inp = args[0] if args else None
-        records.append(LayerCount(
-            name=names.get(m, type(m).__name__), kind=type(m).__name__,
-            in_shape=tuple(inp.shape) if isinstance(inp, torch.Tensor) else (),
-            out_shape=tuple(out.shape), params=sum(p.numel() for p in m.parameters(recurse=False)),
-            flops=_layer_flops(m, inp, out)))
+        records.append((names.get(m, type(m).__name__), type(m).__name__,
+                        tuple(inp.shape) if isinstance(inp, torch.Tensor) else (), tuple(out.shape),
+                        sum(p.numel() for p in m.parameters(recurse=False))))
 
     for m in model.modules():
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             handles.append(m.register_forward_hook(hook))
     inputs = _as_tuple(example_input)
+    counter = {}
     try:
         # shapes only: the parameters and BatchNorm running stats stay untouched
         def run(*xs):
             records.clear()  # a failed meta attempt may have recorded some layers
-            return model(*xs)
+            counter["mode"] = FlopCounterMode(display=False, depth=None)
+            with counter["mode"]:
+                return model(*xs)
         shape_forward(model, run, inputs)
     finally:
         for h in handles:  # never leave hooks behind, even on error
             h.remove()
-    return Profile(records, count_params(model), model_size_mb(model))
+    counts = counter["mode"].get_flop_counts()
+    root = type(model).__name__
+    calls: dict[str, int] = {}
+    for name, *_ in records:
+        calls[name] = calls.get(name, 0) + 1
+    layers = []
+    for name, kind, in_shape, out_shape, params in records:
+        key = f"{root}.{name}" if name else root
+        flops = int(sum(counts.get(key, {}).values())) // calls[name]  # a module called twice: its share
+        layers.append(LayerCount(name, kind, in_shape, out_shape, params, flops))
+    return Profile(layers, count_params(model), model_size_mb(model))
 
 
 def count_flops(model: nn.Module, example_input: ExampleInputs) -> int:
