@@ -37,7 +37,8 @@ def test_allocation_is_optimal_on_convex_curves():
 
 def test_allocation_respects_min_keep_and_rejects_impossible_budgets():
     curves = [_convex_curve(7, 0), _convex_curve(3, 1)]
-    got = allocate_budget(curves, [1.0, 1.0], 8, min_keep=[2, 1])
+    got = allocate_budget(curves, [1.0, 1.0], 8, min_count=[2, 1])
+    assert allocate_budget(curves, [1.0, 1.0], 8, min_keep=[2, 1]) == got  # the old name still works
     assert got[0] <= 6 and got[1] <= 3 and sum(got) >= 8
     with pytest.raises(ValueError, match="at most"):
         allocate_budget(curves, [1.0, 1.0], 100)

@@ -55,7 +55,7 @@ def allocate_flops(model: nn.Module, units: list[Unit], stats: dict[str, Statist
         # and output channels saves their product once), so raise the target until the
         # real count meets the budget
         removed = allocate_budget(curves, costs, min(target, sum(c * (u.channels - m) for c, u, m in
-                                                              zip(costs, units, mins))), min_keep=mins)
+                                                              zip(costs, units, mins))), min_count=mins)
         keep = {u.producer: u.channels - r for u, r in zip(units, removed)}
         achieved = _flops_with(model, units, keep, example)
         short = achieved - flops_target * total

@@ -19,7 +19,7 @@ class Decision:
     """What to cut and what to write into the consumer, plus the numbers for the report."""
 
     unit: Unit
-    keep: torch.Tensor                       # sorted kept channel indices
+    indices: torch.Tensor                    # sorted kept channel indices (a count is n_keep)
     consumer_weight: torch.Tensor            # (K, |S|, kh, kw) or (K, |S|·t), consumer dtype
     consumer_bias: torch.Tensor | None
     method: str
@@ -38,7 +38,7 @@ class Decision:
     def record(self) -> UnitRecord:
         u = self.unit
         return UnitRecord(
-            producer=u.producer, consumer=u.consumer, channels=u.channels, kept=int(self.keep.numel()),
+            producer=u.producer, consumer=u.consumer, channels=u.channels, kept=int(self.indices.numel()),
             method=self.method, statistics=self.statistics, reconstruction=self.reconstruction,
             error_selected=self.error_selected, error_reconstructed=self.error_reconstructed,
             seconds=self.seconds, notes=tuple(self.notes), statistics_backend=self.statistics_backend,

@@ -33,7 +33,7 @@ def _decide(model, unit, stats, n_keep, cfg: PruneConfig, timer: Timings, select
 
 def _apply(model, d: Decision, timer: Timings):
     with timer.phase("rewrite"):
-        prune_unit_(model, d.unit, d.keep, consumer_weight=d.consumer_weight, consumer_bias=d.consumer_bias)
+        prune_unit_(model, d.unit, d.indices, consumer_weight=d.consumer_weight, consumer_bias=d.consumer_bias)
 
 
 def transplant(model: nn.Module, source: nn.Module) -> None:
@@ -79,7 +79,7 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
             data_seen = digest.as_dict()
         d = _decide(model, unit, stats, n_keep[unit.producer], cfg, timer)
         _apply(model, d, timer)
-        replay.commit(unit, d.keep)
+        replay.commit(unit, d.indices)
         if cfg.finetune is not None:
             cfg.finetune(model, unit, index)
         records.append(d.record().replace(replay=source_pass.describe()))
