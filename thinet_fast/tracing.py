@@ -16,6 +16,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .modes import preserved_modes
+
 __all__ = ["UntraceableModelError", "trace", "shape_pass", "shape_forward", "propagate_shapes", "SHAPE"]
 
 
@@ -83,14 +85,11 @@ def shape_pass(model: nn.Module):
     (BatchNorm then accepts a batch of one, dropout is off), and every module's
     train/eval flag and every buffer's value are restored on exit (fake-tensor mode
     still bumps 0-dim CPU buffers such as num_batches_tracked in place)."""
-    flags = [(m, m.training) for m in model.modules()]
     saved = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]
-    model.eval()
     try:
-        yield
+        with preserved_modes(model, train=False):
+            yield
     finally:
-        for m, flag in flags:
-            m.training = flag
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
