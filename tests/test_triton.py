@@ -23,7 +23,7 @@ from thinet_fast.ops import gram as gram_ops  # noqa: E402
 from thinet_fast.ops.greedy import _greedy_remove_core_ref, greedy_remove, greedy_remove_ref  # noqa: E402
 from thinet_fast.ops.patches import ConsumerGeometry  # noqa: E402
 
-dispatch._probe.cache_clear()  # the env var may have been set after an earlier probe
+dispatch.clear_caches()  # the env var may have been set after an earlier probe
 
 from thinet_fast.ops import triton as tri  # noqa: E402
 from thinet_fast.ops.triton import gram as tri_gram  # noqa: E402

@@ -88,6 +88,12 @@ def _probe(name: str) -> BackendInfo:
     raise ValueError(f"unknown backend {name!r}; choose from {BACKEND_NAMES} or 'auto'")
 
 
+def clear_caches() -> None:
+    """Forget every probe and decision (after changing TRITON_INTERPRET, say)."""
+    _probe.cache_clear()
+    _resolve.cache_clear()
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -127,6 +133,7 @@ class Resolution:
     reason: str = ""
 
 
+@functools.lru_cache(maxsize=None)
 def _resolve(op: str, preference: str, device: torch.device, dtype) -> Resolution:
     supported, dtypes = OPS[op]
     reason = ""
@@ -148,7 +155,8 @@ def resolve(op: str, preference: str, device, dtype: torch.dtype | None = None) 
     ``preference`` is "auto" or a backend name, usually the run's ``backend=``. A
     preference the op lacks, or a dtype its kernel does not take, falls back here, with
     the reason in the result; an explicit preference that is missing on this machine
-    raises :class:`BackendUnavailable`."""
+    raises :class:`BackendUnavailable`. One decision per (op, preference, device,
+    dtype) per process (:func:`clear_caches` forgets them)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops with backends: {sorted(OPS)}")
     if preference != "auto" and preference not in BACKEND_NAMES:
