@@ -119,6 +119,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_flatten
 
 try:
@@ -264,14 +265,11 @@ _CONV = {torch.ops.aten.convolution.default, torch.ops.aten._convolution.default
 _GEMM = {torch.ops.aten.addmm.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default}
 
 
-def _op_flops(func, args, out) -> float:
-    if func in _CONV:
-        w = args[1]
-        return 2.0 * out.numel() * math.prod(w.shape[1:])
-    if func in _GEMM:
-        a, b = (args[1], args[2]) if func is torch.ops.aten.addmm.default else (args[0], args[1])
-        return 2.0 * out.numel() * a.shape[-1]
-    return 0.0
+def _op_flops(func, args, kwargs, out) -> float:
+    """torch's own FLOP formula for ``func`` (``torch.utils.flop_counter``, what
+    ``FlopCounterMode`` and ``thinet_fast.counting`` use), 0 for ops it does not count."""
+    count = flop_registry.get(func.overloadpacket)
+    return float(count(*args, **kwargs, out_val=out)) if count is not None else 0.0
 
 
 class _Recorder(TorchDispatchMode):
@@ -289,7 +287,7 @@ class _Recorder(TorchDispatchMode):
             return out  # a factory (empty/zeros): allocation, not traffic
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         nbytes = sum(t.numel() * t.element_size() for t in ins + outs)
-        flops = _op_flops(func, args, out) if (func in _CONV or func in _GEMM) else 0.0
+        flops = _op_flops(func, args, kwargs, out) if (func in _CONV or func in _GEMM) else 0.0
         self.ops.append((str(func), flops, flops > 0, float(nbytes)))
         return out
 
