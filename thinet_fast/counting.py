@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .tables import format_table
 from .tracing import shape_forward
 
 __all__ = ["count_params", "count_flops", "model_size_mb", "profile", "LayerCount", "Profile"]
@@ -94,9 +95,7 @@ class Profile:
         head = ("layer", "kind", "in", "out", "params", "MFLOPs")
         rows = [(lc.name, lc.kind, "x".join(map(str, lc.in_shape)), "x".join(map(str, lc.out_shape)),
                  f"{lc.params:,}", f"{lc.flops / 1e6:.2f}") for lc in self.layers]
-        w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-        fmt = "  ".join("{:<%d}" % x for x in w)
-        out = [fmt.format(*head), fmt.format(*("-" * x for x in w))] + [fmt.format(*r) for r in rows]
+        out = [format_table([head, *rows])]
         out.append(f"total: {self.params / 1e6:.3f}M params, {self.flops / 1e9:.3f} GFLOPs "
                    f"(2 x MACs, conv+linear), {self.size_mb:.1f} MB (2**20 bytes)")
         return "\n".join(out)

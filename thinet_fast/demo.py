@@ -16,7 +16,8 @@ import torch
 from . import data as tfdata
 from .models import DemoResNet, DemoVGG
 from .pipeline import prune
-from .report import format_table, measure_speed, model_stats
+from .report import measure_speed, model_stats
+from .tables import format_table
 from .serialization import load, save
 from .training import evaluate, finetune
 

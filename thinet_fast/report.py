@@ -11,6 +11,7 @@ from torch import nn
 from .counting import count_flops, count_params, model_size_mb
 from .modes import preserved_modes
 from .records import UnitRecord
+from .tables import format_table
 
 
 @dataclass
@@ -118,12 +119,6 @@ def _fb(f, b):
     return "-" if f is None else f"{f:.1f}/{b:.1f}"
 
 
-def format_table(rows) -> str:
-    """Left-aligned columns with a dashed rule under the header row."""
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def model_stats(model: nn.Module, example: torch.Tensor) -> ModelStats:

@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 import torch
 
 from .modules import get_module, set_module
+from .tables import format_table
 from .tracing import UntraceableModelError
 
 __all__ = [
@@ -187,11 +188,7 @@ class UnitPlan:
              u.consumer_kind + ("/flat" if u.flatten else ""), str(u.taps), str(u.consumer_out))
             for u in self.units
         ]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-        fmt = "  ".join("{:<%d}" % w for w in widths)
-        lines = [f"UnitPlan: {len(self.units)} unit(s), {len(self.refused)} refused", fmt.format(*head),
-                 fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*r) for r in rows]
+        lines = [f"UnitPlan: {len(self.units)} unit(s), {len(self.refused)} refused", format_table([head, *rows])]
         if self.refused:
             lines.append("refused:")
             lines += [f"  {r.reason}" for r in self.refused]
