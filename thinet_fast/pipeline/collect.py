@@ -21,7 +21,7 @@ from ..modes import preserved_modes
 from ..ops.draws import image_keys
 from ..ops.patches import ConsumerGeometry
 from ..ops.dispatch import BACKEND_NAMES
-from ..ops.stats import MAX_COV_DIM, Statistics, StatsAccumulator, choose_mode
+from ..ops.stats import MAX_COV_DIM, MODES, Statistics, StatsAccumulator, choose_mode
 from ..segments import batch_size
 from ..units import Unit, get_module
 from .methods import get_method
@@ -70,8 +70,8 @@ class StatsSpec:
     holdout: int = 0
 
     def __post_init__(self):
-        if self.statistics not in ("sampled", "full", "direct", "auto"):
-            raise ValueError(f"statistics={self.statistics!r} is not one of ('sampled', 'full', 'direct', 'auto')")
+        if self.statistics not in MODES + ("auto",):
+            raise ValueError(f"statistics={self.statistics!r} is not one of {MODES + ('auto',)}")
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
             raise ValueError(f"num_images must be an int >= 1; got {self.num_images!r}")
         if self.backend not in ("auto",) + BACKEND_NAMES:
