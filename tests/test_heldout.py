@@ -315,3 +315,18 @@ def test_fold_is_the_same_under_any_order_batching_or_sharding_when_the_cap_woul
         held = a.result().heldout
         assert held.images == base.images, name
         torch.testing.assert_close(held.gram, base.gram, rtol=1e-5, atol=1e-4)
+
+
+def test_fold_is_sized_by_the_images_the_data_really_holds():
+    """num_images far above what the data holds must not thin the fold away."""
+    from thinet_fast.pipeline.collect import images_in
+    x = torch.randn(30, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=8)
+    assert images_in(x) == 30 and images_in([(x[:8],), (x[8:],)]) == 30 and images_in(loader) == 30
+    assert images_in(iter([x])) is None
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 28 * 28, 4)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = tf.prune(model, loader, keep=0.5, num_images=100_000, progress=False, reconstruction="full")
+    assert res.report.units[0]["heldout_images"] == len(_fold_of(x, 5)) > 0

@@ -56,7 +56,9 @@ class StatsSpec:
         backend: the statistics kernels' backend ("triton", "torch" or "auto").
         with_cov: keep the patch covariance in every mode (the full refit needs it).
         count_zeros: count zero inputs per channel (APoZ).
-        holdout: every n-th image also forms the held-out fold; 0 = none.
+        holdout: about one image in n (by key) also forms the held-out fold; 0 = none.
+        images: the images a pass will really read, when the data says (None: take
+            ``num_images``); sizes the held-out fold.
     """
 
     statistics: str = "auto"
@@ -68,6 +70,7 @@ class StatsSpec:
     with_cov: bool = False
     count_zeros: bool = True
     holdout: int = 0
+    images: int | None = None
 
     def __post_init__(self):
         if self.statistics not in MODES + ("auto",):
@@ -103,7 +106,8 @@ class StatsSpec:
             dtype=self.dtype, backend=self.backend,
             with_cov=self.with_cov and mode != "full" and channels * geometry.taps <= MAX_COV_DIM,
             count_zeros=self.count_zeros, holdout_every=self.holdout, fold_seed=self.seed,
-            expected_images=self.num_images * _world_size())
+            expected_images=(self.num_images if self.images is None else min(self.images, self.num_images))
+            * _world_size())
 
 
 def _world_size() -> int:
@@ -116,6 +120,23 @@ def consumer_geometry(consumer: nn.Module, unit: Unit) -> ConsumerGeometry:
         return ConsumerGeometry.from_module(consumer, unit.taps)
     except ValueError as exc:
         raise TypeError(f"consumer {unit.consumer!r}: {exc}") from exc
+
+
+def images_in(data) -> int | None:
+    """How many images ``data`` holds, when that is known without reading it (a tensor,
+    a list of batches, a DataLoader over a sized dataset); else None."""
+    try:
+        if isinstance(data, torch.Tensor):
+            return int(data.shape[0])
+        if isinstance(data, (list, tuple)):
+            return sum(int((b[0] if isinstance(b, (list, tuple)) else b).shape[0]) for b in data)
+        sampler = getattr(data, "sampler", None)  # a DistributedSampler: this process's share
+        if sampler is not None:
+            return len(sampler)
+        dataset = getattr(data, "dataset", None)
+        return len(dataset) if dataset is not None else None
+    except Exception:  # an unsized dataset, odd batches: not knowable cheaply
+        return None
 
 
 def iter_batches(data, num_images: int, device) -> Iterable[torch.Tensor]:

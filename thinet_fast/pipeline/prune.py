@@ -14,7 +14,7 @@ from ..report import Report, build_report
 from ..units import UnitPlan, find_units
 from .budget import allocate_flops
 from .calibrate import recalibrate_batchnorm
-from .collect import StatsSpec, collect_units, iter_batches, model_device, progress_bar
+from .collect import StatsSpec, collect_units, images_in, iter_batches, model_device, progress_bar
 from . import keeps
 from .config import PruneConfig
 from .methods import selection_backend
@@ -98,7 +98,7 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
     cfg = _config(config, options)
     if cfg.resume:
         check_writable(cfg.resume, "resume=")
-    spec = StatsSpec.from_config(cfg)
+    spec = StatsSpec.from_config(cfg).replace(images=images_in(data))
     preset = None
     if cfg.preset is not None:
         from ..presets import get_preset
