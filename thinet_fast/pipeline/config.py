@@ -62,7 +62,7 @@ class PruneConfig:
         ridge: the smallest ridge factor of the least-squares solves (relative to the
             mean diagonal). With a held-out fold the solve's ridge is chosen from it and
             larger ones (up to 1) on the held-out images; without, it is used as is.
-        holdout: every n-th calibration image (default 5) is also kept apart to choose
+        holdout: about one calibration image in n (default 5, chosen by image key) is kept apart to choose
             the reconstruction's ridge, to report its error on images the fit did not
             see, and to fall back from a full refit to scale when scale does better
             there (DESIGN §5). 0 = none: the fixed ``ridge`` and in-sample errors.
@@ -158,7 +158,7 @@ class PruneConfig:
                 raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0 or \
                 self.holdout == 1:
-            raise ValueError(f"holdout must be 0 (none) or an int >= 2 (every n-th image held out); got {self.holdout!r}")
+            raise ValueError(f"holdout must be 0 (none) or an int >= 2 (about 1 image in n held out); got {self.holdout!r}")
 
     def replace(self, **changes) -> "PruneConfig":
         return dataclasses.replace(self, **changes)
