@@ -131,7 +131,7 @@ from thinet_fast.counting import profile
 from thinet_fast.ops.stats import choose_mode
 from thinet_fast.pipeline.keeps import n_keep_for
 from thinet_fast.rewrite import prune_unit_
-from thinet_fast.segments import Segments, State
+from thinet_fast.segments import Segments, values
 from thinet_fast.units import Unit, find_units
 
 __all__ = [
@@ -491,8 +491,7 @@ def replay_passes(model: nn.Module, units: Sequence[Unit], s: Sampling, keep: fl
         if capture is not None:
             with torch.no_grad():
                 v = _value_at(pruned, seg, capture, 1, s.image_shape)
-            cached = sum(t.numel() for t in (v if isinstance(v, State) else (v,))
-                         if isinstance(t, torch.Tensor)) * s.act_bytes * s.images
+            cached = sum(t.numel() for t in values(v) if isinstance(t, torch.Tensor)) * s.act_bytes * s.images
         cache = (capture, cached) if cached is not None and cached <= memory_bytes else None
         out.append({"consumer": u.consumer, "start": seg.name(start), "upload_bytes": start_bytes,
                     "cached": seg.name(capture) if cache is not None else None,

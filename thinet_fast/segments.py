@@ -25,7 +25,7 @@ from torch import nn
 from .modules import get_module
 from .tracing import trace
 
-__all__ = ["Segments", "State"]
+__all__ = ["Segments", "State", "values", "batch_size"]
 
 _INPLACE_FNS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
                 operator.ipow, operator.ior, operator.iand, operator.ixor, operator.ilshift, operator.irshift,
@@ -42,8 +42,8 @@ def _fn_name(u: fx.Node) -> str:
     return str(u.target) if u.op == "call_method" else getattr(u.target, "__name__", "")
 
 
-def _writes_in_place(model: nn.Module, u: fx.Node, value: fx.Node) -> bool:
-    """True if node ``u`` may write into ``value`` (one of its inputs) in place."""
+def _writes_in_place(model: nn.Module, u: fx.Node) -> bool:
+    """True if node ``u`` may write into one of its inputs in place."""
     if u.kwargs.get("inplace") or "out" in u.kwargs:
         return True
     if u.op == "call_function":
@@ -88,6 +88,11 @@ class State(tuple):
         return self
 
 
+def values(x) -> tuple:
+    """The values of a cached batch: a :class:`State`'s, or the one value."""
+    return x if isinstance(x, State) else (x,)
+
+
 def batch_size(x) -> int:
     """Images in a batch: a tensor's first dimension, or a :class:`State`'s ``batch``."""
     return x.batch if isinstance(x, State) else x.shape[0]
@@ -126,6 +131,7 @@ class Segments:
             if n.op == "call_module":
                 self._calls.setdefault(str(n.target), i)
         self._live: dict[int, tuple[int, ...]] = {}
+        self._written: dict[int, bool] = {}
 
     def name(self, pos: int) -> str:
         return "input" if pos == self.input else self.nodes[pos].name
@@ -189,7 +195,13 @@ class Segments:
         return any(self._mutated(model, i) for i in self.live(pos))
 
     def _mutated(self, model: nn.Module, pos: int) -> bool:
-        """Conservative: an in-place reader of the value, or of a view of it."""
+        """Conservative: an in-place reader of the value, or of a view of it. Pruning
+        changes no module's in-place flag, so each node is scanned once."""
+        if pos not in self._written:
+            self._written[pos] = self._scan_writes(model, pos)
+        return self._written[pos]
+
+    def _scan_writes(self, model: nn.Module, pos: int) -> bool:
         todo, seen = [self.nodes[pos]], set()
         while todo:
             node = todo.pop()
@@ -197,7 +209,7 @@ class Segments:
                 if u in seen:
                     continue
                 seen.add(u)
-                if _writes_in_place(model, u, node):
+                if _writes_in_place(model, u):
                     return True
                 if _is_view(u):
                     todo.append(u)

@@ -149,19 +149,24 @@ def _resolve(op: str, preference: str, device: torch.device, dtype) -> Resolutio
     return Resolution(op, choose(preference, device, supported, op), reason)
 
 
-def resolve(op: str, preference: str, device, dtype: torch.dtype | None = None) -> Resolution:
+def resolve(op: str, preference: str, device, dtype: torch.dtype | None = None, *,
+            strict: bool = False) -> Resolution:
     """The one place a backend is chosen for ``op`` (a key of :data:`OPS`).
 
     ``preference`` is "auto" or a backend name, usually the run's ``backend=``. A
     preference the op lacks, or a dtype its kernel does not take, falls back here, with
     the reason in the result; an explicit preference that is missing on this machine
-    raises :class:`BackendUnavailable`. One decision per (op, preference, device,
-    dtype) per process (:func:`clear_caches` forgets them)."""
+    raises :class:`BackendUnavailable`. ``strict``: an explicit preference that would
+    fall back raises instead (for an op called directly with ``backend=``). One decision
+    per (op, preference, device, dtype) per process (:func:`clear_caches` forgets them)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops with backends: {sorted(OPS)}")
     if preference != "auto" and preference not in BACKEND_NAMES:
         raise ValueError(f"backend={preference!r} is not one of {BACKEND_NAMES + ('auto',)}")
-    return _resolve(op, preference, torch.device(device), dtype)
+    out = _resolve(op, preference, torch.device(device), dtype)
+    if strict and out.reason and preference != "auto":
+        raise ValueError(f"backend={preference!r}: {out.reason.rpartition(';')[0]}; use backend='auto' or 'torch'")
+    return out
 
 
 def choose(backend: str, device: torch.device | str, supported: tuple[str, ...], op: str) -> str:

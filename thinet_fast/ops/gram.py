@@ -32,16 +32,9 @@ def _chunks(n: int, per_item: int):
 
 
 def _backend(op: str, backend: str, device, dtype) -> str:
-    """The resolver's choice for ``op`` ("auto"); an explicit backend that cannot take
-    ``dtype`` is an error, never a silent switch."""
-    if backend == "auto":
-        return dispatch.resolve(op, "auto", device, dtype).backend
-    name = dispatch.choose(backend, device, dispatch.OPS[op][0], op)
-    allowed = dispatch.OPS[op][1].get(name)
-    if allowed is not None and dtype not in allowed:
-        raise ValueError(f"{op}: backend {name!r} accumulates in {allowed}, got {dtype}; "
-                         "use backend='auto' or 'torch'")
-    return name
+    """The resolver's choice for ``op``; an explicit backend it cannot honour is an
+    error, never a silent switch."""
+    return dispatch.resolve(op, backend, device, dtype, strict=True).backend
 
 
 def _triton(name: str):

@@ -269,9 +269,10 @@ def _check_psd(G: torch.Tensor, sizes: torch.Tensor, rel: float = 1e-5) -> None:
         d = g.diagonal()
         if not bool(torch.isfinite(g).all()) or bool((d < 0).any()):
             raise ValueError(f"gram[{b}] has non-finite or negative diagonal entries; it is not a Gram matrix")
-        if not torch.allclose(g, g.T, rtol=1e-4, atol=rel * float(d.max().clamp_min(1e-300))):
+        jitter = rel * float(d.max().clamp_min(1e-300))
+        if not torch.allclose(g, g.T, rtol=1e-4, atol=jitter):
             raise ValueError(f"gram[{b}] is not symmetric; pass G = XᵀX")
-        _, info = torch.linalg.cholesky_ex(g + rel * float(d.max().clamp_min(1e-300)) * torch.eye(n, dtype=g.dtype, device=g.device))
+        _, info = torch.linalg.cholesky_ex(g + jitter * torch.eye(n, dtype=g.dtype, device=g.device))
         if int(info):
             raise ValueError(f"gram[{b}] is not positive semi-definite (a Cholesky of G + {rel:g}·max(diag)·I "
                              "fails); pass G = XᵀX, e.g. from thinet_fast.collect_statistics")

@@ -20,7 +20,7 @@ from ..fingerprint import DataDigest, callable_name, model_fingerprint
 from ..ops.draws import image_keys
 from ..serialization import load, load_meta, save
 from ..units import Unit
-from .collect import iter_batches
+from .collect import iter_batches, world_size
 from .config import PruneConfig
 
 CHECKPOINT_FORMAT = "thinet_fast-checkpoint/2"
@@ -30,7 +30,7 @@ def run_source(model: nn.Module, units: list[Unit], n_keep: dict[str, int], data
                device) -> dict:
     """What a resumable run is made from (compared on ``resume=``)."""
     first = image_keys(next(iter(iter_batches(data, 1, device))))[:1]
-    if _world() > 1:  # rank 0's first image is the stream's first (DistributedSampler order)
+    if world_size() > 1:  # rank 0's first image is the stream's first (DistributedSampler order)
         torch.distributed.broadcast(first, src=0)
     return {"model": model_fingerprint(model), "units": [u.producer for u in units],
             "n_keep": {u.producer: int(n_keep[u.producer]) for u in units},
@@ -38,15 +38,10 @@ def run_source(model: nn.Module, units: list[Unit], n_keep: dict[str, int], data
             "first_image": f"{int(first):08x}"}
 
 
-def _world() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def writes_checkpoints() -> bool:
     """Under torch.distributed only rank 0 writes (every rank reads)."""
     dist = torch.distributed
-    return _world() == 1 or dist.get_rank() == 0
+    return world_size() == 1 or dist.get_rank() == 0
 
 
 def save_checkpoint(path: str, model: nn.Module, cfg: PruneConfig, source: dict, records: list[dict],

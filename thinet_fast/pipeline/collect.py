@@ -107,10 +107,11 @@ class StatsSpec:
             with_cov=self.with_cov and mode != "full" and channels * geometry.taps <= MAX_COV_DIM,
             count_zeros=self.count_zeros, holdout_every=self.holdout, fold_seed=self.seed,
             expected_images=(self.num_images if self.images is None else min(self.images, self.num_images))
-            * _world_size())
+            * world_size())
 
 
-def _world_size() -> int:
+def world_size() -> int:
+    """Processes in the torch.distributed job (1 without one)."""
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -306,9 +307,9 @@ def collect_statistics(model: nn.Module, units: list[Unit], data, spec: StatsSpe
 
 def reduce_accumulators(accs: list[StatsAccumulator]) -> None:
     """Sum accumulators across processes when torch.distributed is initialised."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return
+    dist = torch.distributed
     for acc in accs:
         tensors = acc.tensors()
         for t in tensors:

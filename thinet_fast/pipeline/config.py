@@ -154,7 +154,7 @@ class PruneConfig:
                 or self.ridge < 0:
             raise ValueError(f"ridge must be a finite number >= 0; got {self.ridge!r}")
         for name in ("bias_compensation", "bn_recalibration", "inplace", "progress"):
-            if hasattr(self, name) and not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0 or \
                 self.holdout == 1:

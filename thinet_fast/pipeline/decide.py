@@ -56,27 +56,21 @@ def select(method: str, stats: Statistics, n_keep: int, producer: nn.Module, *, 
     return sel.keep, sel.curve
 
 
-def select_thinet_batched(stats: list[Statistics], n_keep: list[int], *, backend: str = "auto"):
-    """ThiNet greedy removal for many units in one batched call: (keep, curve) per unit."""
-    sels = get_method("thinet").run_many(stats, n_keep, SelectContext(backend=backend))
-    return [(s.keep, s.curve) for s in sels]
-
-
 def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, consumer: nn.Module, *,
            method: str, reconstruction: str, bias_compensation: bool, seed: int = 0,
            backend: str = "auto", ridge: float = 1e-8, selection=None) -> Decision:
     """Select (unless ``selection`` = (keep, curve) is given) and reconstruct."""
     t0 = time.perf_counter()
+    chosen = selection_resolution(method, backend, stats.gram.device)  # once per unit
     if selection is None:
-        selection = select(method, stats, n_keep, producer, seed=seed, backend=backend, ridge=ridge)
+        selection = select(method, stats, n_keep, producer, seed=seed, backend=chosen.backend, ridge=ridge)
     keep, curve = selection
     keep_dev = keep.to(consumer.weight.device)
     K = consumer.weight.shape[0]
     W = consumer.weight.detach().reshape(K, unit.channels, -1)   # (K, C, t)
     notes = [f"statistics backend: {stats.backend_note}"] if stats.backend_note else []
-    why = selection_resolution(method, backend, stats.gram.device).reason
-    if why:
-        notes.append(f"selection backend: {why}")
+    if chosen.reason:
+        notes.append(f"selection backend: {chosen.reason}")
     recon = reconstruction
     if recon == "full" and stats.cov is None and stats.patches is None:
         recon = "scale"
@@ -98,8 +92,7 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
     new_b = bias.to(dtype) if bias is not None else None
     return Decision(unit, keep.cpu(), new_w, new_b, method, stats.mode, recon, err_sel, err_rec,
                     curve.cpu() if curve is not None else None, time.perf_counter() - t0, notes,
-                    selection_backend(method, backend, stats.gram.device), stats.backend,
-                    n_held, used_ridge)
+                    chosen.backend, stats.backend, n_held, used_ridge)
 
 
 def _fold(stats: Statistics):

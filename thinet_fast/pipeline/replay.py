@@ -6,7 +6,8 @@ statistics come from running only the segment from the cached state to its consu
 on the model as pruned so far; while it runs, the state at the consumer's input is
 cached for the next unit, and once the unit is pruned its kept channels of the
 consumer's input start the next segment. Where pruning would change another value of
-that state, the state just before the producer is cached instead. The cache is bounded by a memory budget; past it a unit re-runs from the images.
+that state, the state just before the producer is cached instead. The cache is bounded
+by a memory budget; past it a unit re-runs from the images.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from ..ops.draws import image_keys
-from ..segments import Segments, State
+from ..segments import Segments, State, values
 from ..units import Unit
 from .collect import Keyed, iter_batches
 
@@ -76,7 +77,6 @@ class Replay:
         self.seg = Segments(model, graph=graph) if self.enabled else None
         self.cache: _Cache | None = None
         self._next: _Cache | None = None
-        self._overflow = False
 
     def plan(self, unit: Unit) -> "_Source":
         if not self.enabled:
@@ -175,7 +175,7 @@ class _Source:
             c = self.stored
             if self.dropped:
                 return
-            if not all(isinstance(t, _CACHEABLE) for t in (v if isinstance(v, State) else (v,))):
+            if not all(isinstance(t, _CACHEABLE) for t in values(v)):
                 return self._drop()
             size = _nbytes(v)
             if not c.on_host and c.nbytes + size > r.dev_budget:  # spill to host memory
@@ -214,8 +214,7 @@ def _fresh(old: torch.Tensor, new: torch.Tensor, copy: bool) -> torch.Tensor:
 
 
 def _nbytes(v) -> int:
-    ts = v if isinstance(v, State) else (v,)
-    return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in values(v) if isinstance(t, torch.Tensor))
 
 
 def _slice_channels(v: torch.Tensor, keep: torch.Tensor, unit: Unit):
