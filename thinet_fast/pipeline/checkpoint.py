@@ -20,16 +20,17 @@ from ..fingerprint import DataDigest, callable_name, model_fingerprint
 from ..ops.draws import image_keys
 from ..serialization import load, load_meta, save
 from ..units import Unit
-from .collect import iter_batches, world_size
+from .collect import world_size
 from .config import PruneConfig
 
 CHECKPOINT_FORMAT = "thinet_fast-checkpoint/2"
 
 
-def run_source(model: nn.Module, units: list[Unit], n_keep: dict[str, int], data, cfg: PruneConfig,
-               device) -> dict:
-    """What a resumable run is made from (compared on ``resume=``)."""
-    first = image_keys(next(iter(iter_batches(data, 1, device))))[:1]
+def run_source(model: nn.Module, units: list[Unit], n_keep: dict[str, int], first_image: torch.Tensor,
+               cfg: PruneConfig) -> dict:
+    """What a resumable run is made from (compared on ``resume=``); ``first_image`` is
+    the calibration stream's first image (1, ...), as ``prune`` read it."""
+    first = image_keys(first_image)[:1]
     if world_size() > 1:  # rank 0's first image is the stream's first (DistributedSampler order)
         torch.distributed.broadcast(first, src=0)
     return {"model": model_fingerprint(model), "units": [u.producer for u in units],

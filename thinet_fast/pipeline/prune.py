@@ -144,7 +144,8 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
         n_keep = keeps.for_config(plan, cfg, preset)
 
     if cfg.schedule == "sequential":
-        records = run_sequential(work, plan.units, n_keep, data, cfg, device, spec, timer, graph=plan.graph)
+        records = run_sequential(work, plan.units, n_keep, data, cfg, device, spec, timer, graph=plan.graph,
+                                 example=example[:1])
     else:
         records = run_oneshot(work, plan.units, n_keep, data, cfg, device, spec, timer, stats=stats)
     _warn_scarce(records, notes)

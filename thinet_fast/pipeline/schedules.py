@@ -44,16 +44,18 @@ def transplant(model: nn.Module, source: nn.Module) -> None:
 
 # ------------------------------------------------------------------ schedules
 def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], data, cfg: PruneConfig,
-                   device, spec: StatsSpec, timer: Timings, graph=None) -> list[UnitRecord]:
+                   device, spec: StatsSpec, timer: Timings, graph=None, example=None) -> list[UnitRecord]:
     """Paper schedule: statistics of each unit on the partly pruned model. Each unit's
     pass runs only the segment from the replay cache to its consumer (or from the
     images, past the cache's memory budget); a checkpoint after every unit when
-    ``cfg.resume`` is set."""
+    ``cfg.resume`` is set (``example``: the first calibration image, if already read)."""
     records: list = []
     done: set[str] = set()
     digest, data_seen = None, None
     if cfg.resume:
-        source = checkpoint.run_source(model, units, n_keep, data, cfg, device)
+        if example is None:
+            example = next(iter(iter_batches(data, 1, device)))
+        source = checkpoint.run_source(model, units, n_keep, example, cfg)
         digest = DataDigest()
         if checkpoint.exists(cfg.resume):
             loaded, meta = checkpoint.load_checkpoint(cfg.resume, cfg, source, model, device)
