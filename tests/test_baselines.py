@@ -107,7 +107,7 @@ def test_apoz_from_statistics(linear):
         W = torch.randn(K, C, 3, 3, generator=gen)
         xs = [torch.relu(torch.randn(n, C, 6, 5, generator=gen) + offset[:, None, None]) for n in (4, 3)]
         zero = torch.cat([(x == 0) for x in xs]).double().mean(dim=(0, 2, 3))
-    acc = StatsAccumulator(W, geo, mode="sampled", samples_per_image=3)
+    acc = StatsAccumulator(W, geo, statistics="sampled", samples_per_image=3)
     for x in xs:
         acc.update(x)
     zf = acc.result().zero_fraction

@@ -45,7 +45,7 @@ class Consumer:
         self.x = torch.relu(torch.randn(N, C, H, W, generator=gen, dtype=torch.float64) + 0.5)
 
     def stats(self, x=None, **kw):
-        acc = StatsAccumulator(self.weight, self.geo, dtype=torch.float64, **kw)
+        acc = StatsAccumulator(self.weight, self.geo, acc_dtype=torch.float64, **kw)
         acc.update(self.x if x is None else x)
         return acc.result()
 

@@ -132,7 +132,7 @@ def test_sampled_accumulator_equals_explicit_unfold(name):
     case = Case(name)
     L = 6
     seed = 41
-    stats = accumulate(case, mode="sampled", samples_per_image=L, seed=seed, dtype=torch.float64).result()
+    stats = accumulate(case, statistics="sampled", samples_per_image=L, seed=seed, acc_dtype=torch.float64).result()
     rows, ys, zs = [], [], []
     for x, (img, pos, k) in zip(case.batches, replay(seed, case, L, "sampled")):
         Z, xhat, y = case.explicit(x)
@@ -182,7 +182,7 @@ def test_sampled_gram_op_with_explicit_indices(name):
 def test_full_accumulator_equals_all_k_explicit(name, per_image):
     case = Case(name, seed=2)
     seed = 43
-    stats = accumulate(case, mode="full", samples_per_image=per_image, seed=seed, dtype=torch.float64).result()
+    stats = accumulate(case, statistics="full", samples_per_image=per_image, seed=seed, acc_dtype=torch.float64).result()
     if case.linear:
         per_image = None  # one location per image: every sample is taken
     G_exp = torch.zeros(case.C, case.C, dtype=torch.float64)
@@ -212,8 +212,8 @@ def test_full_accumulator_equals_all_k_explicit(name, per_image):
 @pytest.mark.parametrize("name", ALL)
 def test_direct_equals_full_on_the_same_locations(name):
     case = Case(name, seed=3)
-    full = accumulate(case, mode="full", samples_per_image=4, seed=7, dtype=torch.float64).result()
-    direct = accumulate(case, mode="direct", samples_per_image=4, seed=7, dtype=torch.float64).result()
+    full = accumulate(case, statistics="full", samples_per_image=4, seed=7, acc_dtype=torch.float64).result()
+    direct = accumulate(case, statistics="direct", samples_per_image=4, seed=7, acc_dtype=torch.float64).result()
     e = rel(direct.gram, full.gram)
     e_mu = rel(direct.mean, full.mean)
     print(f"{name}: direct vs full G {e:.2e}, mean {e_mu:.2e}, counts {direct.count}/{full.count}")
@@ -225,8 +225,8 @@ def test_direct_equals_full_on_the_same_locations(name):
 def test_direct_sampled_outputs_equal_explicit(name):
     case = Case(name, seed=4)
     R, seed, per_image = 3, 11, 5
-    stats = accumulate(case, mode="direct", samples_per_image=per_image, outputs_per_sample=R,
-                       seed=seed, dtype=torch.float64).result()
+    stats = accumulate(case, statistics="direct", samples_per_image=per_image, outputs_per_sample=R,
+                       seed=seed, acc_dtype=torch.float64).result()
     if case.linear:
         per_image = None
     G_exp = torch.zeros(case.C, case.C, dtype=torch.float64)
@@ -247,8 +247,8 @@ def test_direct_sampled_outputs_equal_explicit(name):
 def test_float32_accumulation_agrees_with_float64(mode):
     for name in ("conv3x3_pad1", "linear_flatten"):
         case = Case(name, seed=5)
-        a = accumulate(case, mode=mode, samples_per_image=8, seed=3, dtype=torch.float32).result()
-        b = accumulate(case, mode=mode, samples_per_image=8, seed=3, dtype=torch.float64).result()
+        a = accumulate(case, statistics=mode, samples_per_image=8, seed=3, acc_dtype=torch.float32).result()
+        b = accumulate(case, statistics=mode, samples_per_image=8, seed=3, acc_dtype=torch.float64).result()
         e, e_mu = rel(a.gram, b.gram), rel(a.mean, b.mean)
         print(f"{mode} {name}: float32 vs float64 G rel diff {e:.2e}, mean {e_mu:.2e}")
         assert a.gram.dtype == torch.float32 and b.gram.dtype == torch.float64
@@ -258,7 +258,7 @@ def test_float32_accumulation_agrees_with_float64(mode):
 @pytest.mark.parametrize("mode", ["sampled", "full", "direct"])
 def test_seed_determinism(mode):
     case = Case("conv3x3_stride2", seed=6)
-    kw = dict(mode=mode, samples_per_image=3, outputs_per_sample=2 if mode == "direct" else None)
+    kw = dict(statistics=mode, samples_per_image=3, outputs_per_sample=2 if mode == "direct" else None)
     a = accumulate(case, seed=123, **kw).result()
     b = accumulate(case, seed=123, **kw).result()
     c = accumulate(case, seed=124, **kw).result()
@@ -278,7 +278,7 @@ def _buffers(acc: StatsAccumulator):
 @pytest.mark.parametrize("name", ["conv3x3_pad1", "linear_flatten"])
 def test_merge_is_exact_additivity(name, mode):
     case = Case(name, seed=7)
-    kw = dict(mode=mode, samples_per_image=4, dtype=torch.float64)
+    kw = dict(statistics=mode, samples_per_image=4, acc_dtype=torch.float64)
     a = StatsAccumulator(case.weight, case.geo, seed=1, **kw)
     b = StatsAccumulator(case.weight, case.geo, seed=2, **kw)
     a.update(case.batches[0])
@@ -306,7 +306,7 @@ def test_merge_equals_one_pass_when_sampling_is_deterministic(name):
     """Every location and every output (full mode, per_image=None) draws nothing, so
     two halves merged must equal one accumulator fed both halves."""
     case = Case(name, seed=8)
-    kw = dict(mode="full", samples_per_image=None, dtype=torch.float64)
+    kw = dict(statistics="full", samples_per_image=None, acc_dtype=torch.float64)
     one = accumulate(case, **kw)
     a = StatsAccumulator(case.weight, case.geo, **kw)
     b = StatsAccumulator(case.weight, case.geo, seed=99, **kw)
@@ -321,7 +321,7 @@ def test_merge_equals_one_pass_when_sampling_is_deterministic(name):
 @pytest.mark.parametrize("mode", ["sampled", "full"])
 def test_tensors_round_trip_and_allreduce(mode):
     case = Case("conv3x3_stride2", seed=9)
-    kw = dict(mode=mode, samples_per_image=5, dtype=torch.float64)
+    kw = dict(statistics=mode, samples_per_image=5, acc_dtype=torch.float64)
     a = StatsAccumulator(case.weight, case.geo, seed=3, **kw)
     b = StatsAccumulator(case.weight, case.geo, seed=4, **kw)
     a.update(case.batches[0])
@@ -344,10 +344,10 @@ def test_tensors_round_trip_and_allreduce(mode):
 
 def test_merge_refuses_incompatible_accumulators():
     case = Case("conv3x3_pad1")
-    a = StatsAccumulator(case.weight, case.geo, mode="sampled")
-    for other in (StatsAccumulator(case.weight, case.geo, mode="full"),
-                  StatsAccumulator(case.weight, case.geo, mode="sampled", dtype=torch.float64),
-                  StatsAccumulator(case.weight[:2], case.geo, mode="sampled")):
+    a = StatsAccumulator(case.weight, case.geo, statistics="sampled")
+    for other in (StatsAccumulator(case.weight, case.geo, statistics="full"),
+                  StatsAccumulator(case.weight, case.geo, statistics="sampled", acc_dtype=torch.float64),
+                  StatsAccumulator(case.weight[:2], case.geo, statistics="sampled")):
         with pytest.raises(ValueError, match="merged") as info:
             a.merge(other)
         print(info.value)
@@ -357,8 +357,8 @@ def test_with_cov_keeps_the_patch_covariance():
     if "with_cov" not in StatsAccumulator.__dataclass_fields__:
         pytest.skip("StatsAccumulator has no with_cov option")
     case = Case("conv3x3_pad1", seed=10)
-    full = accumulate(case, mode="full", samples_per_image=4, seed=5, dtype=torch.float64).result()
-    direct = accumulate(case, mode="direct", samples_per_image=4, seed=5, dtype=torch.float64,
+    full = accumulate(case, statistics="full", samples_per_image=4, seed=5, acc_dtype=torch.float64).result()
+    direct = accumulate(case, statistics="direct", samples_per_image=4, seed=5, acc_dtype=torch.float64,
                         with_cov=True).result()
     e = rel(direct.cov, full.cov)
     print(f"direct(with_cov) P vs full P on the same locations: {e:.2e}")
@@ -369,7 +369,7 @@ def test_with_cov_keeps_the_patch_covariance():
 @pytest.mark.parametrize("name", ALL)
 def test_zero_fraction_is_the_per_channel_mean_of_x_eq_0(name):
     case = Case(name, seed=11)
-    stats = accumulate(case, mode="sampled", samples_per_image=2).result()
+    stats = accumulate(case, statistics="sampled", samples_per_image=2).result()
     if case.linear:
         z = torch.cat([(x.reshape(x.shape[0], case.C, case.t) == 0) for x in case.batches])
         exp = z.double().mean(dim=(0, 2))
@@ -530,10 +530,10 @@ def test_bad_inputs_raise_with_the_argument_named():
     case = Case("conv3x3_pad1")
     lin = Case("linear_flatten")
     cases = [
-        (lambda: StatsAccumulator(case.weight, case.geo, mode="bogus"), ValueError, "mode"),
-        (lambda: StatsAccumulator(case.weight, case.geo, dtype=torch.float16), ValueError, "dtype"),
+        (lambda: StatsAccumulator(case.weight, case.geo, statistics="bogus"), ValueError, "mode"),
+        (lambda: StatsAccumulator(case.weight, case.geo, acc_dtype=torch.float16), ValueError, "dtype"),
         (lambda: StatsAccumulator(case.weight, case.geo, samples_per_image=0), ValueError, "samples_per_image"),
-        (lambda: StatsAccumulator(case.weight, case.geo, mode="direct", outputs_per_sample=0), ValueError,
+        (lambda: StatsAccumulator(case.weight, case.geo, statistics="direct", outputs_per_sample=0), ValueError,
          "outputs_per_sample"),
         (lambda: StatsAccumulator(case.weight, case.geo, samples_per_image=None), ValueError, "samples_per_image"),
         (lambda: StatsAccumulator(case.weight[:, :, :2], case.geo), ValueError, "weight"),
@@ -592,3 +592,17 @@ def test_gram_from_covs_takes_patches_block_by_block():
     errs = [rel(g, w) for g, w in zip(got, want)]
     print("gram_from_covs with patches", errs)
     assert len(got) == 3 and max(errs) < 1e-12 and all(torch.equal(g, g.T) for g in got)
+
+
+def test_older_argument_names_are_aliases():
+    """``mode=``/``dtype=`` (older names) build the same accumulator as
+    ``statistics=``/``acc_dtype=``; giving both names is an error."""
+    case = Case("conv3x3_pad1")
+    old = accumulate(case, mode="full", dtype=torch.float64, samples_per_image=3, seed=2)
+    new = accumulate(case, statistics="full", acc_dtype=torch.float64, samples_per_image=3, seed=2)
+    a, b = old.result(), new.result()
+    print("max |G_old - G_new|", (a.gram - b.gram).abs().max().item())
+    assert old.statistics == "full" and old.acc_dtype == torch.float64 and a.gram.dtype == torch.float64
+    assert torch.equal(a.gram, b.gram) and a.mode == a.statistics == "full" and old.mode == "full"
+    with pytest.raises(TypeError, match="acc_dtype"):
+        StatsAccumulator(case.weight, case.geo, acc_dtype=torch.float64, dtype=torch.float32)

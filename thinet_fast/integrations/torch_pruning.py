@@ -55,14 +55,13 @@ except ImportError as _exc:  # pragma: no cover - exercised by a test that hides
 
 from ..ops.dispatch import BACKEND_NAMES
 from ..ops.draws import position_keys
-from ..ops.stats import MODES
+from ..ops.stats import STATISTICS
 from ..pipeline.collect import StatsSpec, feed, iter_batches, model_device, reduce_accumulators
 from ..pipeline.methods import REGISTRY, SelectContext, get_method, selection_backend
 from .tp_groups import UnsupportedGroupError, _analyse, _Consumer, _name, _root_idxs, _state_key  # noqa: F401
 
 __all__ = ["ThiNetImportance", "UnsupportedGroupError", "thinet_pruner"]
 
-STATISTICS = MODES + ("auto",)
 METHODS = tuple(m.name for m in REGISTRY.values() if m.rank is not None)  # built-ins that rank from a Gram
 
 
@@ -256,7 +255,7 @@ class ThiNetImportance(tp.importance.Importance):
 
     def _collect(self, model: nn.Module, consumers: list[_Consumer]) -> None:
         spec = StatsSpec(statistics=self.statistics, num_images=self.num_images,
-                         samples_per_image=self.samples_per_image, seed=self.seed, dtype=self.dtype,
+                         samples_per_image=self.samples_per_image, seed=self.seed, acc_dtype=self.dtype,
                          backend=self.backend, count_zeros=False)
         sinks: dict[nn.Module, list] = {}
         names = {}
@@ -269,7 +268,7 @@ class ThiNetImportance(tp.importance.Importance):
         feed(model, sinks, iter_batches(self.data, self.num_images, model_device(model)), names=names)
         reduce_accumulators([acc for _, acc in accs])
         for c, acc in accs:
-            self._stats[c.key] = (c.module, c.name, acc.mode, acc.result().gram)
+            self._stats[c.key] = (c.module, c.name, acc.statistics, acc.result().gram)
         self.collections += 1
 
 

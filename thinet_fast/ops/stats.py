@@ -29,9 +29,10 @@ from .gram import (add_upper_gram_, direct_gram, gram_from_covs, mirror_upper_, 
 from .draws import keyed, keyed_locations, position_keys
 from .patches import ConsumerGeometry, gather_patches
 
-__all__ = ["Statistics", "HeldOut", "StatsAccumulator", "choose_mode", "MODES", "HOLDOUT_EVERY"]
+__all__ = ["Statistics", "HeldOut", "StatsAccumulator", "choose_mode", "MODES", "STATISTICS", "HOLDOUT_EVERY"]
 
-MODES = ("sampled", "full", "direct")
+MODES = ("sampled", "full", "direct")  # what an accumulator can build
+STATISTICS = MODES + ("auto",)         # the choices of the statistics= option ("auto": per unit, by cost)
 STATS_BACKENDS = dispatch.OPS["statistics"][0]
 # P is (C·t)²: above this it no longer pays to keep it (VGG conv5: 4608).
 MAX_COV_DIM = 8192
@@ -69,7 +70,7 @@ class HeldOut:
 class Statistics:
     """What selection and reconstruction need, for one consumer."""
 
-    mode: str
+    statistics: str                    # the mode that built it, one of MODES
     gram: torch.Tensor                 # (C, C)
     count: int                         # rows of X that built G
     patch_count: int                   # patches seen (for the moments)
@@ -85,6 +86,11 @@ class Statistics:
     @property
     def channels(self) -> int:
         return self.gram.shape[0]
+
+    @property
+    def mode(self) -> str:
+        """Alias of ``statistics`` (the older name)."""
+        return self.statistics
 
     @property
     def mean(self) -> torch.Tensor:
@@ -117,7 +123,8 @@ class StatsAccumulator:
         seed: every random draw is a hash of the seed and the image's key
             (:mod:`thinet_fast.ops.draws`), so the same images give the same statistics
             on every device, batching and number of processes.
-        dtype: accumulation dtype (float32 or float64).
+        statistics: the mode, one of ``MODES`` (``mode=`` is an alias).
+        acc_dtype: accumulation dtype, float32 or float64 (``dtype=`` is an alias).
         with_cov: also keep the patch covariance P in ``sampled``/``direct`` mode (the
             ``full`` reconstruction needs it).
         count_zeros: count zero inputs per channel (APoZ); it reads the whole input.
@@ -134,11 +141,11 @@ class StatsAccumulator:
 
     kernel: torch.Tensor
     geometry: ConsumerGeometry
-    mode: str = "sampled"
+    statistics: str = "sampled"
     samples_per_image: int | None = 10
     outputs_per_sample: int | None = None
     seed: int = 0
-    dtype: torch.dtype = torch.float32
+    acc_dtype: torch.dtype = torch.float32
     backend: str = "auto"
     with_cov: bool = False
     count_zeros: bool = True
@@ -151,10 +158,10 @@ class StatsAccumulator:
     _state: dict = field(init=False, repr=False)
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"statistics mode {self.mode!r} is not one of {MODES}")
-        if self.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64; got {self.dtype}")
+        if self.statistics not in MODES:
+            raise ValueError(f"statistics mode {self.statistics!r} is not one of {MODES}")
+        if self.acc_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"acc_dtype must be torch.float32 or torch.float64; got {self.acc_dtype}")
         if self.samples_per_image is not None and self.samples_per_image < 1:
             raise ValueError(f"samples_per_image must be >= 1 or None; got {self.samples_per_image}")
         if self.outputs_per_sample is not None and self.outputs_per_sample < 1:
@@ -163,22 +170,22 @@ class StatsAccumulator:
             raise ValueError(f"holdout_every must be 0 (no held-out fold) or >= 2; got {self.holdout_every}")
         if self.holdout_max is not None and self.holdout_max < 0:
             raise ValueError(f"holdout_max must be >= 0 or None; got {self.holdout_max}")
-        if self.mode == "sampled" and self.samples_per_image is None and not self.geometry.linear:
+        if self.statistics == "sampled" and self.samples_per_image is None and not self.geometry.linear:
             raise ValueError("sampled mode draws one output per location; give samples_per_image (the paper uses 10)")
         self.kernel = self.geometry.as_kernel(self.kernel.detach())
         K, C = self.kernel.shape[:2]
         t = self.geometry.taps
         dev = self.kernel.device
         self._state = {
-            "gram": torch.zeros(C, C, dtype=self.dtype, device=dev),
-            "patch_sum": torch.zeros(C * t, dtype=self.dtype, device=dev),
+            "gram": torch.zeros(C, C, dtype=self.acc_dtype, device=dev),
+            "patch_sum": torch.zeros(C * t, dtype=self.acc_dtype, device=dev),
             "zeros": torch.zeros(C, dtype=torch.int64, device=dev),
             "count": 0, "patch_count": 0, "elements": 0,
-            "held_gram": torch.zeros(C, C, dtype=self.dtype, device=dev),
+            "held_gram": torch.zeros(C, C, dtype=self.acc_dtype, device=dev),
             "held_count": 0, "held_images": 0, "held_samples": 0, "held_patches": [],
         }
         if self.holdout_max is None:
-            self.holdout_max = max(256, _HELD_BYTES // (C * t * torch.finfo(self.dtype).bits // 8))
+            self.holdout_max = max(256, _HELD_BYTES // (C * t * torch.finfo(self.acc_dtype).bits // 8))
         if self.keeps_cov:
             # P is deferred: the patches are buffered (one gather feeds P, the first moment
             # and the held-out fold) and turned into P = ZᵀZ in large products, once they
@@ -189,8 +196,8 @@ class StatsAccumulator:
             self._state["folded"] = False  # True once P holds rows: then not every patch is kept
         # the Triton kernels accumulate in float32 and have no direct mode: the resolver
         # decides, and its reason goes to the report with the backend
-        choice = dispatch.resolve("direct_gram" if self.mode == "direct" else "statistics", self.backend, dev,
-                                  self.dtype)
+        choice = dispatch.resolve("direct_gram" if self.statistics == "direct" else "statistics", self.backend, dev,
+                                  self.acc_dtype)
         self.backend, self.backend_note = choice.backend, choice.reason
 
     @property
@@ -199,7 +206,7 @@ class StatsAccumulator:
 
     @property
     def keeps_cov(self) -> bool:
-        return self.mode == "full" or self.with_cov
+        return self.statistics == "full" or self.with_cov
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> None:
@@ -216,7 +223,7 @@ class StatsAccumulator:
             st["zeros"] += (x == 0).sum(dim=(0, 2, 3))
             st["elements"] += N * x.shape[2] * x.shape[3]
         # a Linear has one location: only sampled mode repeats it (with other outputs)
-        per_image = None if (self.geometry.linear and self.mode != "sampled") else self.samples_per_image
+        per_image = None if (self.geometry.linear and self.statistics != "sampled") else self.samples_per_image
         if keys is None:
             keys = position_keys(self.images_seen + torch.arange(N))
         elif keys.numel() != N:
@@ -225,16 +232,16 @@ class StatsAccumulator:
         S = img.numel()
         hs = self._held_images(keys, S // N)[img]  # held-out samples, by their image
         held = (img[hs], oy[hs], ox[hs]) if bool(hs.any()) else None
-        if self.mode == "sampled":
+        if self.statistics == "sampled":
             k = (keyed(keys, self.seed, "output", S // N) % self.kernel.shape[0]).reshape(-1)
             st["gram"] += sampled_gram(x, self.kernel, self.geometry, img, oy, ox, k,
-                                       acc_dtype=self.dtype, backend=self.backend)
+                                       acc_dtype=self.acc_dtype, backend=self.backend)
             st["count"] += S
             if held:
                 st["held_gram"] += sampled_gram(x, self.kernel, self.geometry, *held, k[hs],
-                                                acc_dtype=self.dtype, backend=self.backend)
+                                                acc_dtype=self.acc_dtype, backend=self.backend)
                 st["held_count"] += held[0].numel()
-        elif self.mode == "full":
+        elif self.statistics == "full":
             st["count"] += S * self.kernel.shape[0]
             if held:  # its Gram comes from its patches in result()
                 st["held_count"] += held[0].numel() * self.kernel.shape[0]
@@ -243,16 +250,16 @@ class StatsAccumulator:
             k = None if R is None else (keyed(keys, self.seed, "outputs", (S // N) * R)
                                         % self.kernel.shape[0]).reshape(S, R)
             st["gram"] += direct_gram(x, self.kernel, self.geometry, img, oy, ox, k,
-                                      acc_dtype=self.dtype)
+                                      acc_dtype=self.acc_dtype)
             st["count"] += S * (self.kernel.shape[0] if R is None else R)
             if held:
                 st["held_gram"] += direct_gram(x, self.kernel, self.geometry, *held, None if k is None else k[hs],
-                                               acc_dtype=self.dtype)
+                                               acc_dtype=self.acc_dtype)
                 st["held_count"] += held[0].numel() * (self.kernel.shape[0] if R is None else R)
         if held:
             st["held_samples"] += held[0].numel()
         if self.keeps_cov and self.backend == "torch":
-            Z = gather_patches(x, self.geometry, img, oy, ox).reshape(S, -1).to(self.dtype)
+            Z = gather_patches(x, self.geometry, img, oy, ox).reshape(S, -1).to(self.acc_dtype)
             zsum = Z.sum(0)
             if held:
                 st["held_patches"].append(Z[hs.to(Z.device)])
@@ -262,12 +269,12 @@ class StatsAccumulator:
                 self._fold_rows(mirror=False)
         elif self.keeps_cov:
             if held:
-                z = gather_patches(x, self.geometry, *held).reshape(held[0].numel(), -1).to(self.dtype)
+                z = gather_patches(x, self.geometry, *held).reshape(held[0].numel(), -1).to(self.acc_dtype)
                 st["held_patches"].append(z)
-            P, zsum = patch_moments(x, self.geometry, img, oy, ox, acc_dtype=self.dtype, backend=self.backend)
+            P, zsum = patch_moments(x, self.geometry, img, oy, ox, acc_dtype=self.acc_dtype, backend=self.backend)
             st["cov"] = P if st["cov"] is None else st["cov"].add_(P)
         else:  # the first moment of the sampled patches, for bias compensation
-            zsum = patch_sum(x, self.geometry, img, oy, ox, acc_dtype=self.dtype)
+            zsum = patch_sum(x, self.geometry, img, oy, ox, acc_dtype=self.acc_dtype)
         st["patch_sum"] += zsum
         st["patch_count"] += S
         self.images_seen += N
@@ -280,7 +287,7 @@ class StatsAccumulator:
         st = self._state
         D = self.channels * self.geometry.taps
         if st["cov"] is None:
-            st["cov"] = torch.zeros(D, D, dtype=self.dtype, device=self.kernel.device)
+            st["cov"] = torch.zeros(D, D, dtype=self.acc_dtype, device=self.kernel.device)
         P = st["cov"]
         if st["cov_rows"]:
             Z = torch.cat(st["cov_rows"]) if len(st["cov_rows"]) > 1 else st["cov_rows"][0]
@@ -337,15 +344,15 @@ class StatsAccumulator:
         if st["held_patches"]:
             st["held_patches"] = [torch.cat(st["held_patches"])]
             return st["held_patches"][0]
-        return torch.zeros(0, D, dtype=self.dtype, device=self.kernel.device)
+        return torch.zeros(0, D, dtype=self.acc_dtype, device=self.kernel.device)
 
     def load_held_patches(self, patches: torch.Tensor) -> None:
         self._state["held_patches"] = [patches] if patches.numel() else []
 
     def _check_compatible(self, other: "StatsAccumulator"):
-        if not isinstance(other, StatsAccumulator) or other.mode != self.mode or \
+        if not isinstance(other, StatsAccumulator) or other.statistics != self.statistics or \
                 other.geometry != self.geometry or other.kernel.shape != self.kernel.shape or \
-                other.dtype != self.dtype or other.keeps_cov != self.keeps_cov:
+                other.acc_dtype != self.acc_dtype or other.keeps_cov != self.keeps_cov:
             raise ValueError("only accumulators with the same mode, geometry, kernel shape and dtype can be merged")
 
     def merge(self, other: "StatsAccumulator") -> "StatsAccumulator":
@@ -361,8 +368,8 @@ class StatsAccumulator:
         return self
 
     def __add__(self, other: "StatsAccumulator") -> "StatsAccumulator":
-        out = StatsAccumulator(self.kernel, self.geometry, self.mode, self.samples_per_image,
-                               self.outputs_per_sample, self.seed, self.dtype, self.backend, self.with_cov,
+        out = StatsAccumulator(self.kernel, self.geometry, self.statistics, self.samples_per_image,
+                               self.outputs_per_sample, self.seed, self.acc_dtype, self.backend, self.with_cov,
                                self.count_zeros, self.holdout_every, self.holdout_max, self.fold_seed,
                                self.expected_images)
         return out.merge(self).merge(other)
@@ -383,13 +390,13 @@ class StatsAccumulator:
         if patches is not None:
             # few samples: G from the patches block by block; P only if asked to keep it
             cov = None if release else _patch_cov(patches)
-            if self.mode == "full":
+            if self.statistics == "full":
                 grams = gram_from_covs(self.kernel, [], patches=[patches] + held_z, backend=self.backend)
         else:
             cov = own(self._fold_rows()) if self.keeps_cov else None
-            if self.mode == "full":  # one WᵀW for both grams
+            if self.statistics == "full":  # one WᵀW for both grams
                 grams = gram_from_covs(self.kernel, [cov], patches=held_z, backend=self.backend)
-        if self.mode == "full":
+        if self.statistics == "full":
             gram, held_gram = grams[0], grams[-1]
         else:
             gram, held_gram = own(st["gram"]), own(st["held_gram"])
@@ -397,9 +404,27 @@ class StatsAccumulator:
             heldout = HeldOut(held_gram, st["held_count"], st["held_images"], None if Z is None else own(Z),
                               rows if patches is not None else None)
         return Statistics(
-            mode=self.mode, gram=gram, count=st["count"], patch_count=st["patch_count"],
+            statistics=self.statistics, gram=gram, count=st["count"], patch_count=st["patch_count"],
             patch_sum=st["patch_sum"].reshape(C, t).clone(), zeros=st["zeros"].clone(), elements=st["elements"],
             cov=cov, backend=self.backend, backend_note=self.backend_note, heldout=heldout, patches=patches,
         )
         if release:
             self._state = None
+
+
+def _with_aliases(init):
+    """``mode=`` and ``dtype=``, the older names of ``statistics=`` and ``acc_dtype=``."""
+    def __init__(self, *args, mode: str | None = None, dtype: torch.dtype | None = None, **kw):
+        for old, new, value in (("mode", "statistics", mode), ("dtype", "acc_dtype", dtype)):
+            if value is not None:
+                if new in kw:
+                    raise TypeError(f"StatsAccumulator: give {new}= or its alias {old}=, not both")
+                kw[new] = value
+        init(self, *args, **kw)
+    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init
+    return __init__
+
+
+StatsAccumulator.__init__ = _with_aliases(StatsAccumulator.__init__)
+StatsAccumulator.mode = property(lambda self: self.statistics, doc="Alias of ``statistics``.")
+StatsAccumulator.dtype = property(lambda self: self.acc_dtype, doc="Alias of ``acc_dtype``.")

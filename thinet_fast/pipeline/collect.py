@@ -21,7 +21,7 @@ from ..modes import preserved_modes
 from ..ops.draws import image_keys
 from ..ops.patches import ConsumerGeometry
 from ..ops.dispatch import BACKEND_NAMES
-from ..ops.stats import MAX_COV_DIM, MODES, Statistics, StatsAccumulator, choose_mode
+from ..ops.stats import MAX_COV_DIM, STATISTICS, Statistics, StatsAccumulator, choose_mode
 from ..segments import batch_size
 from ..units import Unit, get_module
 from .methods import get_method
@@ -52,7 +52,7 @@ class StatsSpec:
         seed: unit ``j`` draws with seed ``seed·1000003 + j``, per image key
             (:mod:`thinet_fast.ops.draws`): the same under any batching or sharding;
             the held-out fold uses ``seed`` itself, the same images for every unit.
-        dtype: accumulation dtype.
+        acc_dtype: accumulation dtype, float32 or float64 (``PruneConfig.stats_dtype``).
         backend: the statistics kernels' backend ("triton", "torch" or "auto").
         with_cov: keep the patch covariance in every mode (the full refit needs it).
         count_zeros: count zero inputs per channel (APoZ).
@@ -65,7 +65,7 @@ class StatsSpec:
     num_images: int = 1000
     samples_per_image: int | None = 10
     seed: int = 0
-    dtype: torch.dtype = torch.float32
+    acc_dtype: torch.dtype = torch.float32
     backend: str = "auto"
     with_cov: bool = False
     count_zeros: bool = True
@@ -73,8 +73,8 @@ class StatsSpec:
     images: int | None = None
 
     def __post_init__(self):
-        if self.statistics not in MODES + ("auto",):
-            raise ValueError(f"statistics={self.statistics!r} is not one of {MODES + ('auto',)}")
+        if self.statistics not in STATISTICS:
+            raise ValueError(f"statistics={self.statistics!r} is not one of {STATISTICS}")
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
             raise ValueError(f"num_images must be an int >= 1; got {self.num_images!r}")
         if self.backend not in ("auto",) + BACKEND_NAMES:
@@ -85,7 +85,7 @@ class StatsSpec:
         """The spec a :class:`PruneConfig` asks for (the one place that reads its
         statistics options)."""
         return cls(statistics=cfg.statistics, num_images=cfg.num_images, samples_per_image=cfg.samples_per_image,
-                   seed=cfg.seed, dtype=cfg.stats_dtype, backend=cfg.backend,
+                   seed=cfg.seed, acc_dtype=cfg.stats_dtype, backend=cfg.backend,
                    with_cov=cfg.reconstruction == "full", count_zeros="zeros" in get_method(cfg.method).needs,
                    holdout=cfg.holdout if cfg.reconstruction != "none" else 0)
 
@@ -102,8 +102,8 @@ class StatsSpec:
                     index: int = 0) -> StatsAccumulator:
         mode = self.mode_for(channels, geometry.taps)
         return StatsAccumulator(
-            weight, geometry, mode=mode, samples_per_image=self.samples_per_image, seed=self.seed_for(index),
-            dtype=self.dtype, backend=self.backend,
+            weight, geometry, statistics=mode, samples_per_image=self.samples_per_image,
+            seed=self.seed_for(index), acc_dtype=self.acc_dtype, backend=self.backend,
             with_cov=self.with_cov and mode != "full" and channels * geometry.taps <= MAX_COV_DIM,
             count_zeros=self.count_zeros, holdout_every=self.holdout, fold_seed=self.seed,
             expected_images=(self.num_images if self.images is None else min(self.images, self.num_images))
@@ -290,7 +290,7 @@ def collect_statistics(model: nn.Module, units: list[Unit], data, spec: StatsSpe
     """One pass over ``data`` that feeds every unit's consumer input to its accumulator.
 
     Pass a :class:`StatsSpec` or its fields as keywords (``statistics=``, ``num_images=``,
-    ``samples_per_image=``, ``seed=``, ``dtype=``, ``backend=``, ``with_cov=``,
+    ``samples_per_image=``, ``seed=``, ``acc_dtype=`` (alias ``dtype=``), ``backend=``, ``with_cov=``,
     ``count_zeros=``). Unit j draws its samples from seed ``seed·1000003 +
     first_index + j``. Returns producer fqn -> :class:`Statistics`. Under
     ``torch.distributed`` the buffers are summed across processes (each process should
@@ -298,6 +298,10 @@ def collect_statistics(model: nn.Module, units: list[Unit], data, spec: StatsSpe
     """
     if spec is not None and spec_options:
         raise TypeError(f"pass a StatsSpec or its fields as keywords, not both (got {sorted(spec_options)})")
+    if "dtype" in spec_options:  # the older name
+        if "acc_dtype" in spec_options:
+            raise TypeError("collect_statistics: give acc_dtype= or its alias dtype=, not both")
+        spec_options["acc_dtype"] = spec_options.pop("dtype")
     spec = spec if spec is not None else StatsSpec(**spec_options)
     device = torch.device(device) if device is not None else model_device(model)
     with progress_bar(spec.num_images, desc, progress) as bar:

@@ -9,11 +9,10 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..ops.dispatch import BACKEND_NAMES
-from ..ops.stats import MODES
+from ..ops.stats import STATISTICS
 from .methods import method_names
 
 METHODS = method_names()  # the built-in methods; register_method() adds more
-STATISTICS = MODES + ("auto",)  # the statistics modes of ops/stats.py, or chosen per unit
 RECONSTRUCTIONS = ("scale", "full", "none")
 SCHEDULES = ("sequential", "oneshot")
 BACKENDS = ("auto",) + BACKEND_NAMES

@@ -90,7 +90,7 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
     new_w = Wn.to(dtype).reshape((K, keep.numel()) + tuple(consumer.weight.shape[2:])) \
         if isinstance(consumer, nn.Conv2d) else Wn.to(dtype).reshape(K, -1)
     new_b = bias.to(dtype) if bias is not None else None
-    return Decision(unit, keep.cpu(), new_w, new_b, method, stats.mode, recon, err_sel, err_rec,
+    return Decision(unit, keep.cpu(), new_w, new_b, method, stats.statistics, recon, err_sel, err_rec,
                     curve.cpu() if curve is not None else None, time.perf_counter() - t0, notes,
                     chosen.backend, stats.backend, n_held, used_ridge)
 

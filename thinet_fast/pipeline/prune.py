@@ -24,12 +24,16 @@ from .timing import Timings
 
 @dataclass
 class PruneResult:
+    """What :func:`prune` returns. Unpacking gives the pair most callers want,
+    ``model, report = thinet_fast.prune(...)``; ``plan`` (the units found) and
+    ``config`` (the validated options) are read by name."""
+
     model: nn.Module
     report: Report
     plan: UnitPlan
     config: PruneConfig
 
-    def __iter__(self):  # model, report = thinet_fast.prune(...)
+    def __iter__(self):
         return iter((self.model, self.report))
 
 
