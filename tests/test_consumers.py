@@ -72,10 +72,10 @@ class Tokens(nn.Module):
         return self.mlp(torch.relu(self.embed(x))).mean(1)
 
 
-def test_linear_on_tokens_is_refused_by_find_units():
+def test_linear_on_tokens_is_a_unit():
     plan = tf.find_units(Tokens(), torch.randn(2, 7, 5))
-    reasons = {r.producer: r.reason for r in plan.refused}
-    print(reasons)
-    assert not plan.units and "tokens" in reasons["embed"]
-    with pytest.raises(ValueError, match="no prunable units"):
-        tf.prune(Tokens(), [torch.randn(2, 7, 5)], keep=0.5, progress=False)
+    print(plan)
+    (u,) = plan.units
+    assert u.producer == "embed" and u.tokens
+    res = tf.prune(Tokens(), [torch.randn(4, 7, 5)], keep=0.5, progress=False)
+    assert res.model.embed.out_features == res.model.mlp.in_features < Tokens().embed.out_features

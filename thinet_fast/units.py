@@ -68,6 +68,9 @@ class Unit:
         producer_kind: ``"conv"`` or ``"linear"``.
         flatten: True when the consumer is a Linear that reads a flattened (N, C*t)
             tensor (t may be 1, e.g. after global pooling).
+        tokens: True when the consumer is a Linear that reads the channels on the last
+            dim of an (N, ..., C) tensor (transformer tokens, channels-last maps): every
+            position is a location, as for a 1x1 conv.
         consumer_out: K, the consumer's output channels / features.
         consumer_in_shape: shape of the consumer's input without the batch dim, as seen
             with the example inputs (e.g. (C, H, W) for a conv, (C*t,) after flatten).
@@ -88,6 +91,7 @@ class Unit:
     consumer_kind: Literal["conv", "linear"]
     producer_kind: Literal["conv", "linear"] = "conv"
     flatten: bool = False
+    tokens: bool = False
     consumer_out: int = 0
     consumer_in_shape: tuple[int, ...] = ()
     kernel_size: Optional[tuple[int, int]] = None
@@ -126,6 +130,9 @@ class Unit:
         else:
             if self.kernel_size is not None:
                 raise ValueError(f"Unit({self.producer}): a Linear consumer has no kernel geometry")
+        if self.tokens and (self.consumer_kind != "linear" or self.flatten or self.taps != 1):
+            raise ValueError(f"Unit({self.producer}): tokens=True is for a Linear consumer reading (N, ..., C) "
+                             "with one tap per channel")
 
     @property
     def in_features(self) -> int:
@@ -185,7 +192,7 @@ class UnitPlan:
         head = ("producer", "C", "followers", "consumer", "kind", "t", "K")
         rows = [
             (u.producer, str(u.channels), ", ".join(u.followers) or "-", u.consumer,
-             u.consumer_kind + ("/flat" if u.flatten else ""), str(u.taps), str(u.consumer_out))
+             u.consumer_kind + ("/flat" if u.flatten else "/tokens" if u.tokens else ""), str(u.taps), str(u.consumer_out))
             for u in self.units
         ]
         lines = [f"UnitPlan: {len(self.units)} unit(s), {len(self.refused)} refused", format_table([head, *rows])]

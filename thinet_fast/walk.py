@@ -46,6 +46,7 @@ _POOL_FN_NAMES = frozenset({
 })
 _RESHAPE_FN_NAMES = frozenset({"flatten", "view", "reshape", "squeeze", "unsqueeze"})
 _REDUCE_FN_NAMES = frozenset({"mean", "amax", "sum"})
+_PERMUTE_FN_NAMES = frozenset({"permute", "transpose", "swapaxes", "movedim"})
 _ARITH = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul,
           operator.imul, operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div}
 _ARITH_METHODS = frozenset({"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"})
@@ -183,16 +184,16 @@ def walk(gm: fx.GraphModule, start: fx.Node, c: int, kind: str, call_counts: dic
                 if st.cdim != st.ndim - 1:
                     raise Refuse(f"{where} reads the last dim of a {st.ndim}-D tensor whose channels are dim "
                                   f"{st.cdim}; flatten or pool first")
-                if st.ndim != 2:
-                    raise Refuse(f"{where} reads a {st.ndim}-D input {tuple(in_shape)} (tokens or channels-last); "
-                                  "only (N, features) Linear inputs are supported")
+                tokens = st.ndim > 2  # (N, ..., C): every position is a location
+                if tokens and st.flattened:
+                    raise Refuse(f"{where} reads a flattened {st.ndim}-D input {tuple(in_shape)}")
                 _check_single_call(fqn, call_counts, "consumer")
                 if m.in_features != c * st.taps:
                     raise Refuse(f"{where} has in_features={m.in_features}, expected C*t = {c}*{st.taps}")
                 ops.append(fqn)
                 return Unit(
                     producer=str(start.target), followers=tuple(followers), consumer=fqn, channels=c,
-                    taps=st.taps, consumer_kind="linear", producer_kind=kind, flatten=st.flattened,
+                    taps=st.taps, consumer_kind="linear", producer_kind=kind, flatten=st.flattened, tokens=tokens,
                     consumer_out=m.out_features, consumer_in_shape=tuple(in_shape[1:]), ops=tuple(ops),
                     consumer_norm=_norm_after(u, gm, call_counts, m.out_features),
                 )
@@ -228,6 +229,8 @@ def walk(gm: fx.GraphModule, start: fx.Node, c: int, kind: str, call_counts: dic
                 _need_spatial(st, where)
             elif isinstance(m, nn.Flatten):
                 _reshape(st, in_shape, out_shape, where)
+            elif type(m).__name__ == "Permute" and isinstance(getattr(m, "dims", None), (list, tuple)):
+                _permute(st, list(m.dims), where)  # torchvision.ops.Permute (ConvNeXt)
             else:
                 raise Refuse(f"{where} is an op we do not know to be channel-wise")
             followers.append(fqn)
@@ -253,6 +256,9 @@ def walk(gm: fx.GraphModule, start: fx.Node, c: int, kind: str, call_counts: dic
                 ops.append(name)
             elif name in _RESHAPE_FN_NAMES:
                 _reshape(st, in_shape, out_shape, where)
+                ops.append(name)
+            elif name in _PERMUTE_FN_NAMES:
+                _permute(st, _permute_order(st, u, node, where), where)
                 ops.append(name)
             elif name in _REDUCE_FN_NAMES:
                 _reduce(st, u, node, in_shape, out_shape, where)
@@ -348,3 +354,41 @@ def _reduce(st: _State, u: fx.Node, node: fx.Node, in_shape, out_shape, where: s
         st.ndim -= len(dims)
     if out_shape is None or len(out_shape) != st.ndim or out_shape[st.cdim] != c:
         raise Refuse(f"{where} produced shape {out_shape}, which does not keep the channels at dim {st.cdim}")
+
+
+def _permute(st: _State, order: list, where: str) -> None:
+    """permute/transpose move the channel dim (channels-last layouts); the channels stay whole."""
+    if st.flattened:
+        raise Refuse(f"{where} permutes a flattened tensor")
+    order = [int(d) % st.ndim for d in order]
+    if sorted(order) != list(range(st.ndim)):
+        raise Refuse(f"{where}: dims {order} are not a permutation of {st.ndim} dims")
+    st.cdim = order.index(st.cdim)
+
+
+def _permute_order(st: _State, u: fx.Node, node: fx.Node, where: str) -> list:
+    """Output dim i holds input dim order[i]."""
+    args = list(u.args[1:]) if u.args and u.args[0] is node else []
+    if any(isinstance(a, fx.Node) for a in args) or any(isinstance(v, fx.Node) for v in u.kwargs.values()):
+        raise Refuse(f"{where} permutes by dims computed at run time")
+    name = _fn_name(u)
+    order = list(range(st.ndim))
+    try:
+        if name == "permute":
+            dims = u.kwargs.get("dims", args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args)
+            order = [int(d) % st.ndim for d in dims]
+        elif name == "movedim":
+            src = u.kwargs.get("source", args[0] if args else None)
+            dst = u.kwargs.get("destination", args[1] if len(args) > 1 else None)
+            src = [int(d) % st.ndim for d in ([src] if isinstance(src, int) else src)]
+            dst = [int(d) % st.ndim for d in ([dst] if isinstance(dst, int) else dst)]
+            placed = dict(zip(dst, src))
+            rest = iter(d for d in range(st.ndim) if d not in src)
+            order = [placed[i] if i in placed else next(rest) for i in range(st.ndim)]
+        else:  # transpose / swapaxes
+            a, b = (args + [u.kwargs.get("dim0"), u.kwargs.get("dim1")])[:2]
+            a, b = int(a) % st.ndim, int(b) % st.ndim
+            order[a], order[b] = order[b], order[a]
+    except (IndexError, KeyError, TypeError, ValueError):
+        raise Refuse(f"{where}: cannot read its dims") from None
+    return order

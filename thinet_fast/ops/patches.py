@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ConsumerGeometry", "sample_locations", "gather_patches", "gather_patches_ref", "contributions"]
+__all__ = ["ConsumerGeometry", "sample_locations", "gather_patches", "gather_patches_ref", "contributions",
+           "tokens_as_map"]
 
 
 def _pair(v) -> tuple[int, int]:
@@ -122,6 +123,14 @@ class ConsumerGeometry:
         if oh < 1 or ow < 1:
             raise ValueError(f"input {h}x{w} is smaller than the consumer's receptive field {self}")
         return oh, ow
+
+
+def tokens_as_map(x: torch.Tensor) -> torch.Tensor:
+    """A Linear's (N, ..., C) input (tokens, channels-last maps) as the (N, C, L, 1) map
+    of a 1x1 conv: every position is a location. A view, no copy."""
+    if x.dim() < 3:
+        raise ValueError(f"tokens_as_map needs an (N, ..., C) input with positions; got shape {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2).unsqueeze(-1)
 
 
 def sample_locations(generator: torch.Generator, n_images: int, out_hw: tuple[int, int],

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..modes import preserved_modes
 from ..ops.draws import image_keys
-from ..ops.patches import ConsumerGeometry
+from ..ops.patches import ConsumerGeometry, tokens_as_map
 from ..ops.dispatch import BACKEND_NAMES
 from ..ops.stats import MAX_COV_DIM, STATISTICS, Statistics, StatsAccumulator, choose_mode
 from ..segments import batch_size
@@ -117,6 +117,8 @@ def world_size() -> int:
 
 
 def consumer_geometry(consumer: nn.Module, unit: Unit) -> ConsumerGeometry:
+    if unit.tokens:  # a Linear on tokens reads like a 1x1 conv over the positions
+        return ConsumerGeometry.conv(1)
     try:
         return ConsumerGeometry.from_module(consumer, unit.taps)
     except ValueError as exc:
@@ -238,9 +240,17 @@ def unit_accumulators(model: nn.Module, units: list[Unit], spec: StatsSpec,
     accs = {}
     for j, unit in enumerate(units, start=first_index):
         consumer = get_module(model, unit.consumer)
-        accs[unit.producer] = spec.accumulator(consumer.weight, consumer_geometry(consumer, unit),
+        weight = consumer.weight[:, :, None, None] if unit.tokens else consumer.weight
+        accs[unit.producer] = spec.accumulator(weight, consumer_geometry(consumer, unit),
                                                channels=unit.channels, index=j)
     return accs
+
+
+def unit_sink(unit: Unit, acc: StatsAccumulator) -> Sink:
+    """What a unit's consumer hook calls with its input and the image keys."""
+    if not unit.tokens:
+        return acc.update
+    return lambda x, keys: acc.update(tokens_as_map(x), keys)
 
 
 def collect_units(model: nn.Module, units: list[Unit], batches: Iterable[torch.Tensor], spec: StatsSpec, *,
@@ -257,7 +267,7 @@ def collect_units(model: nn.Module, units: list[Unit], batches: Iterable[torch.T
     names = {}
     for u in units:
         m = get_module(model, u.consumer)
-        update = accs[u.producer].update
+        update = unit_sink(u, accs[u.producer])
         sinks.setdefault(m, []).append(update if timer is None else timer.timed("statistics", update))
         names[m] = u.consumer
     if timer is None:

@@ -223,6 +223,8 @@ def _slice_channels(v: torch.Tensor, keep: torch.Tensor, unit: Unit):
     keep = keep.to(v.device)
     if unit.consumer_kind == "conv" and v.dim() == 4 and v.shape[1] == unit.channels:
         return v.index_select(1, keep)
+    if unit.tokens and v.dim() > 2 and v.shape[-1] == unit.channels:
+        return v.index_select(v.dim() - 1, keep)
     if unit.consumer_kind == "linear" and v.dim() == 2 and v.shape[1] == unit.channels * unit.taps:
         n = v.shape[0]
         return v.reshape(n, unit.channels, unit.taps).index_select(1, keep).reshape(n, -1)
