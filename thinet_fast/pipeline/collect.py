@@ -263,34 +263,57 @@ def collect_units(model: nn.Module, units: list[Unit], batches: Iterable[torch.T
     if not units:
         return {}
     accs = unit_accumulators(model, units, spec, first_index)
+    watched = [(u.producer, get_module(model, u.consumer), u.consumer, accs[u.producer], unit_sink(u, accs[u.producer]))
+               for u in units]
+    stats = _collect(model, watched, batches, forward, stop_early, bar, timer)
+    for u in units:
+        _finite(stats[u.producer], u.consumer)
+    return stats
+
+
+def collect_accumulators(model: nn.Module, readers, batches: Iterable[torch.Tensor], spec: StatsSpec, *,
+                         bar=None, timer=None) -> dict:
+    """Statistics at every reader of coupled groups (:class:`thinet_fast.groups.Reader`),
+    keyed by ``reader.key``; reader j is seeded as unit j."""
+    watched = []
+    for j, r in enumerate(readers):
+        acc = spec.accumulator(r.kernel(), r.geometry, channels=r.channels, index=j)
+        sink = (lambda a: lambda x, keys: a.update(tokens_as_map(x), keys))(acc) if r.tokens else acc.update
+        watched.append((r.key, r.module, r.name, acc, sink))
+    stats = _collect(model, watched, batches, None, True, bar, timer)
+    for r in readers:
+        _finite(stats[r.key], r.name)
+    return stats
+
+
+def _collect(model, watched, batches, forward, stop_early, bar, timer) -> dict:
+    """One pass feeding ``watched`` = [(key, module, name, accumulator, sink)]."""
     sinks: dict[nn.Module, list[Sink]] = {}
     names = {}
-    for u in units:
-        m = get_module(model, u.consumer)
-        update = unit_sink(u, accs[u.producer])
-        sinks.setdefault(m, []).append(update if timer is None else timer.timed("statistics", update))
-        names[m] = u.consumer
+    for _, m, name, _, sink in watched:
+        sinks.setdefault(m, []).append(sink if timer is None else timer.timed("statistics", sink))
+        names[m] = name
+    accs = [acc for _, _, _, acc, _ in watched]
     if timer is None:
         feed(model, sinks, batches, forward=forward, stop_early=stop_early, bar=bar, names=names)
-        reduce_accumulators(list(accs.values()))
-        return _finite({p: acc.result(release=True) for p, acc in accs.items()}, units)
+        reduce_accumulators(accs)
+        return {key: acc.result(release=True) for key, _, _, acc, _ in watched}
     hooks_before = timer.seconds["statistics"]
     t0 = time.perf_counter()
     feed(model, sinks, batches, forward=forward, stop_early=stop_early, bar=bar, names=names)
     timer.sync()
     timer.add("forward", time.perf_counter() - t0 - (timer.seconds["statistics"] - hooks_before))
     with timer.phase("statistics"):
-        reduce_accumulators(list(accs.values()))
-        return _finite({p: acc.result(release=True) for p, acc in accs.items()}, units)
+        reduce_accumulators(accs)
+        return {key: acc.result(release=True) for key, _, _, acc, _ in watched}
 
 
-def _finite(stats: dict[str, Statistics], units: list[Unit]) -> dict[str, Statistics]:
+def _finite(stats: Statistics, consumer: str) -> Statistics:
     """Refuse statistics with NaN/Inf, naming the consumer, before anything uses them."""
-    for u in units:
-        if not bool(torch.isfinite(stats[u.producer].gram).all()):
-            raise FloatingPointError(
-                f"the statistics of consumer {u.consumer!r} contain NaN or Inf: the calibration batches or "
-                "the model give non-finite activations there (check the inputs for NaN; fp16 overflow?)")
+    if not bool(torch.isfinite(stats.gram).all()):
+        raise FloatingPointError(
+            f"the statistics of consumer {consumer!r} contain NaN or Inf: the calibration batches or "
+            "the model give non-finite activations there (check the inputs for NaN; fp16 overflow?)")
     return stats
 
 

@@ -15,6 +15,7 @@ from .methods import method_names
 METHODS = method_names()  # the built-in methods; register_method() adds more
 RECONSTRUCTIONS = ("scale", "full", "none")
 SCHEDULES = ("sequential", "oneshot")
+COUPLED = ("refuse", "prune")
 BACKENDS = ("auto",) + BACKEND_NAMES
 
 
@@ -66,6 +67,14 @@ class PruneConfig:
             see, and to fall back from a full refit to scale when scale does better
             there (DESIGN §5). 0 = none: the fixed ``ridge`` and in-sample errors.
         progress: show progress bars.
+        coupled: "refuse" (default, and the paper presets: coupled channels stay) or
+            "prune": coupled groups (residual adds, concats, grouped convs, SE gates)
+            found with Torch-Pruning's DependencyGraph are pruned too, selected on the sum
+            of every reader's Gram and every reader reconstructed (one statistics pass
+            after the plain units; see :mod:`thinet_fast.pipeline.coupled`).
+        leaf_modules: module fqns torch.fx should not trace into (code fx cannot trace).
+        ignored_layers: module fqns never pruned (with their submodules), as producers
+            or inside a coupled group.
     """
 
     keep: float | Mapping[str, float | int] | None = None
@@ -93,6 +102,9 @@ class PruneConfig:
     ridge: float = 1e-8
     holdout: int = 5
     progress: bool = True
+    coupled: str = "refuse"
+    leaf_modules: tuple = ()
+    ignored_layers: tuple = ()
 
     def __post_init__(self):
         def _one_of(name, value, allowed):
@@ -106,6 +118,18 @@ class PruneConfig:
         _one_of("reconstruction", self.reconstruction, RECONSTRUCTIONS)
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("backend", self.backend, BACKENDS)
+        _one_of("coupled", self.coupled, COUPLED)
+        for name in ("leaf_modules", "ignored_layers"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
+                    not all(isinstance(v, str) for v in value):
+                raise TypeError(f"{name} must be a list of module names (strings); got {value!r}")
+            setattr(self, name, tuple(value))
+        if self.coupled == "prune" and self.preset is not None:
+            raise ValueError("the paper presets prune plain chains only, as the paper did; drop coupled='prune' "
+                             "or preset=")
+        if self.coupled == "prune" and self.flops_target is not None:
+            raise ValueError("flops_target= allocates over plain units only; with coupled='prune' give keep=")
         chosen = [n for n in ("keep", "preset", "flops_target") if getattr(self, n) is not None]
         if len(chosen) > 1:
             raise ValueError(f"give one of keep=, preset= or flops_target=; got {', '.join(chosen)}")
@@ -165,7 +189,8 @@ class PruneConfig:
     def fingerprint(self) -> dict:
         """The options that decide the result (a resumed run must match them)."""
         keys = ("keep", "method", "statistics", "reconstruction", "bias_compensation", "schedule",
-                "num_images", "samples_per_image", "seed", "units", "preset", "ridge", "flops_target", "min_keep", "holdout")
+                "num_images", "samples_per_image", "seed", "units", "preset", "ridge", "flops_target", "min_keep", "holdout",
+                "coupled", "ignored_layers")
         out = {k: getattr(self, k) for k in keys}
         out["keep"] = dict(self.keep) if isinstance(self.keep, Mapping) else self.keep
         out["stats_dtype"] = str(self.stats_dtype)

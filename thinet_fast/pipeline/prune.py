@@ -11,7 +11,8 @@ from torch import nn
 
 from ..files import check_writable
 from ..report import Report, build_report
-from ..units import UnitPlan, find_units
+from ..units import UnitPlan, UntraceableModelError, find_units, get_module
+from .coupled import run_coupled
 from .budget import allocate_flops
 from .calibrate import recalibrate_batchnorm
 from .collect import StatsSpec, collect_units, images_in, iter_batches, model_device, progress_bar
@@ -70,6 +71,28 @@ def _example_input(data, device, model: nn.Module) -> torch.Tensor:
     return x
 
 
+def _plan(work: nn.Module, example, cfg: PruneConfig, units_arg) -> tuple[UnitPlan, str]:
+    """The plain units (torch.fx). A model fx cannot trace leaves every channel to the
+    coupled groups with ``coupled="prune"``, and is an error that says so otherwise."""
+    ignored = set(cfg.ignored_layers)
+    filter_fn = cfg.filter_fn
+    if ignored:
+        inside = lambda fqn: any(fqn == i or fqn.startswith(i + ".") for i in ignored)  # noqa: E731
+        base = filter_fn
+        filter_fn = lambda m, fqn: not inside(fqn) and (base is None or base(m, fqn))  # noqa: E731
+        if units_arg is not None:
+            units_arg = [u for u in units_arg if not inside(u)]
+            filter_fn = None
+    try:
+        return find_units(work, example, units=units_arg, filter_fn=filter_fn,
+                          leaf_modules=cfg.leaf_modules), ""
+    except UntraceableModelError as exc:
+        if cfg.coupled != "prune":
+            raise UntraceableModelError(f"{exc}\nOr pass coupled='prune': Torch-Pruning's autograd graph then "
+                                        "finds every group, plain chains included.") from exc
+        return UnitPlan([], []), f"torch.fx could not trace the model; every group came from Torch-Pruning ({exc})"[:400]
+
+
 def _warn_scarce(records: list[dict], notes: list[str]) -> None:
     """One warning for every unit whose fit had fewer samples than unknowns."""
     scarce = [f"{r.consumer!r}: {n}" for r in records for n in r.notes if "calibration samples for" in n]
@@ -124,15 +147,16 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
         units_arg = preset.producers if units_arg is None else units_arg
     elif isinstance(cfg.keep, Mapping) and units_arg is None and cfg.filter_fn is None:
         units_arg = list(cfg.keep)
-    plan = find_units(work, example, units=units_arg, filter_fn=cfg.filter_fn)
+    plan, untraced = _plan(work, example, cfg, units_arg)
     if isinstance(cfg.keep, Mapping):  # units absent from the dict are not pruned
         unknown = sorted(set(cfg.keep) - {u.producer for u in plan.units})
         if unknown:
             raise ValueError(f"keep names producer(s) {unknown} that units=/filter_fn= did not select")
         plan = UnitPlan([u for u in plan.units if u.producer in cfg.keep], plan.refused, graph=plan.graph)
-    if not plan.units:
-        raise ValueError("no prunable units were selected; see the refused channels:\n" + str(plan))
-    notes = []
+    if not plan.units and cfg.coupled == "refuse":
+        raise ValueError("no prunable units were selected; see the refused channels:\n" + str(plan)
+                         + "\n(coupled='prune' prunes coupled channel groups too)")
+    notes = [untraced] if untraced else []
     stats = None
     if cfg.flops_target is not None:
         # the unpruned model's statistics: the one-shot schedule reuses them
@@ -147,11 +171,24 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
     else:
         n_keep = keeps.for_config(plan, cfg, preset)
 
-    if cfg.schedule == "sequential":
+    if not plan.units:
+        records = []
+    elif cfg.schedule == "sequential":
         records = run_sequential(work, plan.units, n_keep, data, cfg, device, spec, timer, graph=plan.graph,
                                  example=example[:1])
     else:
         records = run_oneshot(work, plan.units, n_keep, data, cfg, device, spec, timer, stats=stats)
+    if cfg.coupled == "prune":
+        ignored = [get_module(work, f) for f in cfg.ignored_layers]
+        grouped, refused_groups = run_coupled(work, example[:1], data, cfg, device, spec, timer,
+                                              skip={u.producer for u in plan.units}, ignored_layers=ignored)
+        records += grouped
+        notes.append(f"coupled groups: {len(grouped)} pruned, {len(refused_groups)} left "
+                     f"(Torch-Pruning's DependencyGraph)")
+        notes += [f"group `{root}` not pruned: {why}" for root, why in refused_groups]
+        if not records:
+            raise ValueError("nothing was pruned: no plain unit and no coupled group could be pruned:\n"
+                             + "\n".join(notes))
     _warn_scarce(records, notes)
     if preset is not None and preset.transform is not None:
         work = preset.transform(work)

@@ -1,0 +1,335 @@
+"""Coupled channel groups (DESIGN.md §2), found with Torch-Pruning's DependencyGraph.
+
+A *group* is every producer that writes a set of channels (the convs feeding a residual
+add, the branches of a concat, an SE gate's expanding conv), every *reader* that takes
+them in (``Conv2d``, also grouped, and ``Linear``, on flattened maps or on tokens), and
+the modules in between that lose the same channels (BatchNorm, depthwise convs,
+LayerNorm, per-channel parameters, Torch-Pruning's traced add/cat/split ops).
+
+The graph comes from Torch-Pruning (autograd tracing: it follows any model that runs,
+also those torch.fx cannot trace, e.g. detection models). This module only reads a
+group and says how thinet_fast sees it; it knows modules, not the math. Groups with a
+member it cannot express (attention, an unknown module) are refused with the reason.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .modes import preserved_modes
+from .ops.patches import ConsumerGeometry, UnsupportedConsumer
+
+__all__ = ["ChannelGroup", "Reader", "Link", "UnsupportedGroupError", "dependency_graph", "find_groups",
+           "analyse", "input_shapes", "MAX_FEATURE_GRAM"]
+
+# A Linear reader whose features do not come in aligned per-channel blocks is taken
+# feature by feature (t = 1, exact); its Gram is then in_features² entries.
+MAX_FEATURE_GRAM = 16384
+_CHANNELWISE = (nn.modules.batchnorm._BatchNorm, nn.PReLU, nn.modules.instancenorm._InstanceNorm)
+_ACROSS = (nn.LayerNorm, nn.GroupNorm)  # normalise across the channels they keep
+
+
+class UnsupportedGroupError(ValueError):
+    """A group's channels reach a layer whose statistics thinet_fast cannot express."""
+
+
+def torch_pruning():
+    try:
+        import torch_pruning as tp
+    except ImportError as exc:  # pragma: no cover - exercised by a test that hides the package
+        raise ImportError("coupled='prune' finds channel groups with Torch-Pruning's DependencyGraph, which is not "
+                          f"importable ({exc}). Install it with: pip install torch-pruning") from exc
+    return tp
+
+
+@dataclass(frozen=True, eq=False)
+class Reader:
+    """A layer that reads channels of a group: its statistics are taken at its input."""
+
+    module: nn.Module
+    name: str
+    kind: str                      # "conv" | "linear"
+    geometry: ConsumerGeometry     # a Linear on tokens reads like a 1x1 conv
+    channels: int                  # C: the reader's input channels (all of them)
+    tokens: bool = False           # a Linear on (N, ..., C)
+    groups: int = 1                # a grouped conv: block-diagonal over its input
+
+    @property
+    def taps(self) -> int:
+        return self.geometry.taps
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (id(self.module), self.taps)
+
+    def kernel(self) -> torch.Tensor:
+        """The weight as a dense (K, C, kh, kw) or (K, C·t) kernel for the statistics."""
+        w = self.module.weight.detach()
+        if self.tokens:
+            return w[:, :, None, None]
+        if self.groups == 1:
+            return w
+        K, n = w.shape[0], w.shape[1]
+        dense = w.new_zeros((K, self.channels) + tuple(w.shape[2:]))
+        m = K // self.groups
+        for a in range(self.groups):
+            dense[a * m:(a + 1) * m, a * n:(a + 1) * n] = w[a * m:(a + 1) * m]
+        return dense
+
+
+@dataclass(frozen=True, eq=False)
+class Link:
+    """Which of a reader's input channels carry which of the group's channels."""
+
+    reader: Reader
+    channels: torch.Tensor         # (m,) reader input channels
+    positions: torch.Tensor        # (m,) their positions in the group
+
+
+@dataclass(eq=False)
+class ChannelGroup:
+    """One coupled group. ``blocks`` > 1: the channels fall in that many equal blocks
+    (grouped convs, GroupNorm) and every block must lose the same positions."""
+
+    name: str                      # the root producer's fqn
+    root: Any = field(repr=False)  # Torch-Pruning's root module and pruning function
+    root_fn: Any = field(repr=False)
+    channels: int
+    producers: tuple[str, ...]
+    followers: tuple[str, ...]
+    links: list[Link]
+    blocks: int = 1
+    notes: tuple[str, ...] = ()
+
+    @property
+    def readers(self) -> list[Reader]:
+        return [ln.reader for ln in self.links]
+
+
+def dependency_graph(model: nn.Module, example_inputs, *, ignored_layers: Iterable[nn.Module] = ()):
+    """Torch-Pruning's dependency graph of ``model`` (traced with ``example_inputs``)."""
+    tp = torch_pruning()
+    with preserved_modes(model, train=False):
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
+                                                     ignored_layers=list(ignored_layers), verbose=False)
+
+
+@torch.no_grad()
+def input_shapes(model: nn.Module, example_inputs) -> dict[nn.Module, tuple]:
+    """The input shape of every Conv2d/Linear in one forward (a Linear on tokens has > 2 dims)."""
+    shapes, handles = {}, []
+
+    def hook(mod, args):
+        if args and isinstance(args[0], torch.Tensor):
+            shapes.setdefault(mod, tuple(args[0].shape))
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            handles.append(m.register_forward_pre_hook(hook))
+    try:
+        with preserved_modes(model, train=False):
+            model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _name(DG, module) -> str:
+    name = DG._module2name.get(module) if hasattr(DG, "_module2name") else None
+    return name if name else f"<{type(module).__name__}>"
+
+
+def _root_idxs(item) -> list:
+    root = getattr(item, "root_idxs", None)
+    return list(item.idxs) if root is None else list(root)
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _conv_reader(module: nn.Conv2d, name: str) -> Reader:
+    try:
+        geometry = ConsumerGeometry.from_module(module)
+    except UnsupportedConsumer as exc:
+        raise UnsupportedGroupError(f"reader `{name}`: {exc}") from exc
+    return Reader(module, name, "conv", geometry, module.in_channels, groups=module.groups)
+
+
+def _linear_reader(module: nn.Linear, name: str, pairs: list[tuple[int, int]], pos: dict,
+                   tokens: bool) -> tuple[Reader, list, list]:
+    """A Linear after flatten reads C·t features, channel-major (feature ``c*t + u``);
+    Torch-Pruning maps each group channel to its t features. Recover t and c."""
+    F = module.in_features
+    if tokens:
+        return (Reader(module, name, "linear", ConsumerGeometry.conv(1), F, tokens=True),
+                [f for f, _ in pairs], [pos[r] for _, r in pairs])
+    by_root: dict[Any, list[int]] = {}
+    for f, r in pairs:
+        by_root.setdefault(r, []).append(f)
+    sizes = {len(set(fs)) for fs in by_root.values()}
+    t = sizes.pop() if len(sizes) == 1 else 1
+    aligned = F % t == 0 and all(
+        sorted(set(fs)) == list(range(min(fs), min(fs) + t)) and min(fs) % t == 0 for fs in by_root.values())
+    if not aligned:
+        t = 1
+        if F > MAX_FEATURE_GRAM:
+            raise UnsupportedGroupError(
+                f"reader `{name}` (Linear, {F} inputs) reads these channels in a layout that is not channel-major "
+                "blocks of equal size, and a per-feature Gram would be too large")
+    return (Reader(module, name, "linear", ConsumerGeometry.dense(t), F // t),
+            [f // t for f, _ in pairs], [pos[r] for _, r in pairs])
+
+
+def _identity(item, n: int) -> bool:
+    return [int(i) for i in item.idxs] == list(range(n)) and _root_idxs(item) == list(range(n))
+
+
+def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> ChannelGroup:
+    """How thinet_fast sees a Torch-Pruning group (``shapes``: :func:`input_shapes`).
+
+    ``strict``: refuse grouped-conv readers and LayerNorm/GroupNorm (the Torch-Pruning
+    importance, which ranks channels but does not reconstruct). Raises
+    :class:`UnsupportedGroupError` naming the member it cannot express."""
+    DG = getattr(group, "_DG", None)
+    if DG is None:
+        raise TypeError("a torch_pruning Group made by a DependencyGraph is needed (DG.get_pruning_group / "
+                        "DG.get_all_groups / a pruner); got one without its graph")
+    items = list(group)
+    if not items:
+        raise ValueError("empty Torch-Pruning group")
+    roots = _root_idxs(items[0])
+    C = len(roots)
+    pos = {r: i for i, r in enumerate(roots)}
+    links: list[Link] = []
+    producers, followers, notes, blocks = [], [], [], 1
+    for item in items:
+        dep, idxs = item[0], item[1]
+        module, handler = dep.target.module, dep.handler
+        name = _name(DG, module) if not isinstance(module, nn.Parameter) else "<parameter>"
+        if isinstance(module, nn.Parameter):
+            followers.append(DG._param_to_name.get(module, name) if hasattr(DG, "_param_to_name") else name)
+            continue  # a per-channel parameter (layer scale, class token): it loses the same channels
+        if type(module).__module__.startswith("torch_pruning"):
+            continue  # traced functional ops (add, cat, split, flatten, pooling, activations)
+        is_in, is_out = DG.is_in_channel_pruning_fn(handler), DG.is_out_channel_pruning_fn(handler)
+        if _is_depthwise(module):
+            followers.append(name)  # channel-wise (DESIGN §2)
+            continue
+        grouped = isinstance(module, nn.Conv2d) and module.groups > 1
+        if grouped:
+            width = module.in_channels if is_in else module.out_channels
+            if strict and is_in:
+                raise UnsupportedGroupError(
+                    f"`{name}` is a grouped Conv2d (groups={module.groups}) that reads these channels")
+            if not _identity(item, C) or width != C:
+                raise UnsupportedGroupError(
+                    f"`{name}` is a grouped Conv2d (groups={module.groups}) that sees these channels in another "
+                    "order or mixed with others; its groups cannot be kept aligned")
+            blocks = math.lcm(blocks, module.groups)
+        if is_in and not is_out:  # the layer's *input* channels are pruned: a reader
+            pairs = [(int(c), r) for c, r in zip(idxs, _root_idxs(item)) if r is not None and r in pos]
+            if not pairs:
+                continue
+            if isinstance(module, nn.Conv2d):
+                reader = _conv_reader(module, name)
+                chans, posl = [c for c, _ in pairs], [pos[r] for _, r in pairs]
+            elif isinstance(module, nn.Linear):
+                shape = (shapes or {}).get(module, ())
+                reader, chans, posl = _linear_reader(module, name, pairs, pos, tokens=len(shape) > 2)
+            elif isinstance(module, nn.MultiheadAttention):
+                raise UnsupportedGroupError(f"`{name}` (MultiheadAttention) reads these channels; attention "
+                                            "heads are not pruned")
+            else:
+                raise UnsupportedGroupError(f"`{name}` ({type(module).__name__}) reads these channels; statistics "
+                                            "are taken at Conv2d and Linear readers only")
+            uniq = sorted(set(zip(chans, posl)))
+            seen: dict[int, int] = {}
+            for c, p in uniq:
+                if seen.setdefault(c, p) != p:
+                    raise UnsupportedGroupError(f"input channel {c} of reader `{name}` maps to two channels "
+                                                "of the group")
+            links.append(Link(reader, torch.tensor([c for c, _ in uniq], dtype=torch.long),
+                              torch.tensor([p for _, p in uniq], dtype=torch.long)))
+        elif is_out and not is_in:
+            if not isinstance(module, (nn.Conv2d, nn.Linear, nn.Embedding)):
+                raise UnsupportedGroupError(f"`{name}` ({type(module).__name__}) writes these channels; producers "
+                                            "are Conv2d, Linear and Embedding")
+            producers.append(name)
+        elif isinstance(module, _CHANNELWISE):
+            followers.append(name)
+        elif isinstance(module, _ACROSS):
+            if strict:
+                raise UnsupportedGroupError(f"`{name}` ({type(module).__name__}) normalises across these channels")
+            if isinstance(module, nn.GroupNorm):
+                blocks = math.lcm(blocks, module.num_groups)
+            followers.append(name)
+            notes.append(f"`{name}` ({type(module).__name__}) normalises across the channels: it renormalises "
+                         "over the kept ones")
+        elif isinstance(module, nn.MultiheadAttention):
+            raise UnsupportedGroupError(f"`{name}` (MultiheadAttention) is coupled to these channels; attention "
+                                        "heads are not pruned")
+        else:
+            raise UnsupportedGroupError(f"`{name}` ({type(module).__name__}) is coupled to these channels and "
+                                        "thinet_fast does not know how it uses them")
+    if C % blocks:
+        raise UnsupportedGroupError(f"{C} channels do not split into {blocks} equal blocks")
+    merged: dict[tuple[int, int], Link] = {}  # one link per reader
+    for ln in links:
+        old = merged.get(ln.reader.key)
+        if old is None:
+            merged[ln.reader.key] = ln
+            continue
+        pairs = sorted(set(zip(old.channels.tolist(), old.positions.tolist())) |
+                       set(zip(ln.channels.tolist(), ln.positions.tolist())))
+        merged[ln.reader.key] = Link(old.reader, torch.tensor([c for c, _ in pairs]), torch.tensor([p for _, p in pairs]))
+    for ln in merged.values():
+        if ln.reader.groups > 1 and ln.channels.numel() != C:
+            raise UnsupportedGroupError(f"grouped reader `{ln.reader.name}` reads only part of the group")
+    root = items[0][0].target.module
+    return ChannelGroup(_name(DG, root), root, items[0][0].handler, C, tuple(dict.fromkeys(producers)),
+                        tuple(dict.fromkeys(followers)), list(merged.values()), blocks, tuple(notes))
+
+
+def find_groups(model: nn.Module, example_inputs, *, DG=None, ignored_layers: Iterable[nn.Module] = (),
+                skip: Iterable[str] = ()) -> tuple[list[ChannelGroup], list[tuple[str, str]], Any]:
+    """Every group of ``model`` rooted at a Conv2d/Linear, except those whose root is in
+    ``skip`` or whose producers are ``ignored_layers``. Returns ``(groups, refused,
+    DG)``: ``refused`` holds ``(root fqn, reason)``."""
+    ignored = [m for layer in ignored_layers for m in layer.modules()]
+    ignored_ids = {id(m) for m in ignored}
+    DG = DG if DG is not None else dependency_graph(model, example_inputs, ignored_layers=[])
+    shapes = input_shapes(model, example_inputs)
+    skip = set(skip)
+    found, refused = [], []
+    for g in DG.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+        root = _name(DG, g[0][0].target.module)
+        if root in skip:
+            continue
+        try:
+            cg = analyse(g, shapes)
+        except UnsupportedGroupError as exc:
+            refused.append((root, str(exc)))
+            continue
+        if any(p in skip for p in cg.producers):
+            continue
+        if any(id(m) in ignored_ids for m in _members(g)):
+            refused.append((root, "a member is in ignored_layers"))
+            continue
+        if not cg.links:
+            refused.append((root, "no Conv2d/Linear reads these channels (they reach the model output)"))
+            continue
+        if cg.channels < 2:
+            refused.append((root, f"{cg.channels} channel(s); nothing to prune"))
+            continue
+        found.append(cg)
+    return found, refused, DG
+
+
+def _members(group):
+    return [it[0].target.module for it in group if isinstance(it[0].target.module, nn.Module)]

@@ -1,0 +1,229 @@
+"""Coupled groups (``coupled="prune"``): ThiNet selection on the sum of every reader's
+Gram over the group's channels, and every reader reconstructed from its own statistics.
+
+One statistics pass serves every group (they are decided on the model as the plain
+units left it). Each reader is refitted once, on the channels it keeps from every group
+it reads (a concat's reader keeps the union), its new weights written in the full input
+space; then Torch-Pruning cuts each group (producers, followers, readers) physically.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..groups import ChannelGroup, Reader, find_groups
+from ..ops.stats import Statistics
+from ..records import UnitRecord
+from ..units import Unit
+from .collect import StatsSpec, collect_accumulators, iter_batches, progress_bar
+from .decide import decide
+from .keeps import n_keep_for
+from .methods import SelectContext, get_method, selection_backend
+
+__all__ = ["run_coupled", "group_statistics", "reader_unit"]
+
+
+def reader_unit(group: ChannelGroup, reader: Reader) -> Unit:
+    """The reader as the consumer of a :class:`Unit` (what ``decide`` reconstructs)."""
+    m = reader.module
+    if reader.kind == "conv":
+        return Unit(group.name, (), reader.name, reader.channels, reader.taps, "conv", consumer_out=m.out_channels,
+                    kernel_size=tuple(m.kernel_size), stride=tuple(m.stride),
+                    padding=m.padding if isinstance(m.padding, str) else tuple(m.padding),
+                    dilation=tuple(m.dilation), padding_mode=m.padding_mode)
+    return Unit(group.name, (), reader.name, reader.channels, reader.taps, "linear", flatten=reader.taps > 1,
+                tokens=reader.tokens, consumer_out=m.out_features)
+
+
+def group_statistics(group: ChannelGroup, stats: dict) -> Statistics:
+    """The group's statistics over its block positions: each reader's Gram (and zero
+    counts) over the group's channels, summed, then summed over the ``blocks``."""
+    C, n = group.channels, group.channels // group.blocks
+    G = zeros = None
+    count = elements = 0
+    for ln in group.links:
+        st = stats[ln.reader.key]
+        if G is None:
+            G = st.gram.new_zeros(C, C, dtype=torch.float64)
+            zeros = torch.zeros(C, dtype=torch.float64)
+        ch, p = ln.channels.to(st.gram.device), ln.positions.to(st.gram.device)
+        sub = st.gram.index_select(0, ch).index_select(1, ch).double()
+        G.index_put_((p[:, None].expand_as(sub), p[None, :].expand_as(sub)), sub, accumulate=True)
+        zeros.index_add_(0, ln.positions, st.zeros.index_select(0, ln.channels.to(st.zeros.device)).double().cpu())
+        count, elements = count + st.count, max(elements, st.elements)
+    if group.blocks > 1:  # removing position p removes it from every block
+        G = G.reshape(group.blocks, n, group.blocks, n).sum((0, 2))
+        zeros = zeros.reshape(group.blocks, n).sum(0)
+    first = stats[group.links[0].reader.key]
+    return Statistics(statistics=first.statistics, gram=G, count=count, patch_count=count,
+                      patch_sum=G.new_zeros(n, 1), zeros=zeros, elements=elements * group.blocks,
+                      backend=first.backend)
+
+
+class _Producers(nn.Module):
+    """What a method reading ``ctx.producer.weight`` sees for a group: one row per
+    position, the L1 norm of every producer's filters there."""
+
+    def __init__(self, group: ChannelGroup, modules: dict):
+        super().__init__()
+        n = group.channels // group.blocks
+        score = torch.zeros(n, dtype=torch.float64)
+        for name in group.producers:
+            w = modules[name].weight.detach().double()
+            score += w.abs().reshape(w.shape[0], -1).sum(1).reshape(-1, n).sum(0) if w.shape[0] == group.channels \
+                else 0.0
+        self.weight = nn.Parameter(score[:, None], requires_grad=False)
+
+
+def _select(group, stats, n_keep, modules, cfg, device):
+    method = get_method(cfg.method)
+    ctx = SelectContext(_Producers(group, modules), cfg.seed, selection_backend(cfg.method, cfg.backend, device),
+                        cfg.ridge)
+    gs = group_statistics(group, stats)
+    n = gs.channels
+    if n_keep >= n:
+        return torch.arange(group.channels), gs, None
+    sel = method.select(gs, n_keep, ctx)
+    local = sel.keep.cpu().sort().values
+    kept = (torch.arange(group.blocks)[:, None] * n + local[None, :]).reshape(-1)
+    return kept, gs, sel.curve
+
+
+def _write(reader: Reader, keep: torch.Tensor, new_w: torch.Tensor, new_b, DG) -> str:
+    """Put the refitted weights into the reader's full input space (columns it loses
+    get zeros and are cut by Torch-Pruning); a bias correction goes into the bias, the
+    BatchNorm right after the reader, or a new bias. Returns a note, or ''."""
+    m, note = reader.module, ""
+    with torch.no_grad():
+        w = m.weight
+        new_w = new_w.to(w).reshape((w.shape[0], keep.numel()) + tuple(w.shape[2:]))
+        if reader.kind == "conv" and reader.groups > 1:
+            K, n, g = w.shape[0], reader.channels // reader.groups, reader.groups
+            rows = K // g
+            for a in range(g):
+                in_block = (keep >= a * n) & (keep < (a + 1) * n)
+                cols = keep[in_block] - a * n
+                w[a * rows:(a + 1) * rows].zero_()
+                w[a * rows:(a + 1) * rows, cols.to(w.device)] = new_w[a * rows:(a + 1) * rows][:, in_block.to(w.device)]
+        elif reader.kind == "conv":
+            w.zero_()
+            w[:, keep.to(w.device)] = new_w
+        else:
+            t = reader.taps
+            cols = (keep[:, None] * t + torch.arange(t)).reshape(-1).to(w.device)
+            w.zero_()
+            w[:, cols] = new_w.reshape(w.shape[0], -1).to(w)
+        if new_b is None:
+            return note
+        if m.bias is not None:
+            m.bias.copy_(new_b.to(m.bias))
+            return note
+        node = DG.module2node.get(m)
+        outs = [o.module for o in node.outputs] if node is not None else []
+        if len(outs) == 1 and isinstance(outs[0], nn.modules.batchnorm._BatchNorm) and \
+                outs[0].running_mean is not None and outs[0].num_features == new_b.numel():
+            outs[0].running_mean.sub_(new_b.to(outs[0].running_mean))  # BN(y + b) = BN'(y)
+            return note
+        m.bias = nn.Parameter(new_b.to(w).clone())
+        return f"`{reader.name}` gained a bias (bias compensation)"
+
+
+def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, timer, *, skip=(),
+                ignored_layers=()) -> tuple[list[UnitRecord], list[tuple[str, str]]]:
+    """Prune every coupled group of ``model`` in place. Returns the group records and
+    the refused roots ``(fqn, reason)``."""
+    with timer.phase("groups"):
+        groups, refused, DG = find_groups(model, example, ignored_layers=ignored_layers, skip=skip)
+        groups = [g for g in groups if _wanted(g, cfg, model)]
+    if not groups:
+        return [], refused
+    readers = {r.key: r for g in groups for r in g.readers}
+    with progress_bar(spec.num_images, "statistics (groups)", cfg.progress) as bar:
+        stats = collect_accumulators(model, list(readers.values()), iter_batches(data, spec.num_images, device),
+                                     spec, bar=bar, timer=timer)
+    modules = dict(model.named_modules())
+    removed: dict = {key: set() for key in readers}
+    chosen = []
+    for g in groups:
+        t0 = time.perf_counter()
+        fraction = _fraction(g, cfg)
+        n_keep = n_keep_for(g.channels // g.blocks, fraction, f"keep for group `{g.name}`")
+        kept, gs, curve = _select(g, stats, n_keep, modules, cfg, device)
+        drop = torch.ones(g.channels, dtype=torch.bool)
+        drop[kept] = False
+        for ln in g.links:
+            removed[ln.reader.key].update(ln.channels[drop[ln.positions]].tolist())
+        chosen.append((g, kept, gs, time.perf_counter() - t0))
+    errors, notes_of = {}, {}
+    for key, reader in readers.items():
+        keep = torch.tensor(sorted(set(range(reader.channels)) - removed[key]), dtype=torch.long)
+        recon = "scale" if reader.groups > 1 and cfg.reconstruction == "full" else cfg.reconstruction
+        d = decide(reader_unit(chosen[0][0], reader), stats[key], keep.numel(), None, _dense(reader),
+                   method=cfg.method, reconstruction=recon, bias_compensation=cfg.bias_compensation,
+                   seed=cfg.seed, backend=cfg.backend, ridge=cfg.ridge, selection=(keep, None))
+        note = _write(reader, keep, d.consumer_weight, d.consumer_bias, DG)
+        energy = float(stats[key].gram.double().sum())
+        errors[key] = (d.error_selected, d.error_reconstructed, energy, d.reconstruction)
+        notes_of[key] = list(d.notes) + ([note] if note else []) + (
+            ["grouped conv: scale only (a full refit would mix its groups)"] if recon != cfg.reconstruction else [])
+    records = []
+    with timer.phase("rewrite"):
+        for g, kept, gs, seconds in chosen:
+            drop = sorted(set(range(g.channels)) - set(kept.tolist()))
+            if drop:
+                DG.get_pruning_group(g.root, g.root_fn, drop).prune()
+            records.append(_record(g, kept, gs, seconds, errors, notes_of, cfg))
+    return records, refused
+
+
+def _dense(reader: Reader) -> nn.Module:
+    """A module ``decide`` can read: the reader, or a dense stand-in for a grouped conv
+    or a Linear on tokens (its weight as the kernel of the statistics)."""
+    if reader.groups == 1 and not reader.tokens:
+        return reader.module
+    stand = nn.Module()
+    stand.weight = nn.Parameter(reader.kernel(), requires_grad=False)
+    stand.bias = reader.module.bias
+    return stand
+
+
+def _wanted(g: ChannelGroup, cfg, model) -> bool:
+    if cfg.units is not None:
+        return any(p in cfg.units for p in g.producers)
+    if isinstance(cfg.keep, dict):
+        return any(p in cfg.keep for p in g.producers)
+    if cfg.filter_fn is not None:
+        modules = dict(model.named_modules())
+        return all(cfg.filter_fn(modules[p], p) for p in g.producers if p in modules)
+    return True
+
+
+def _fraction(g: ChannelGroup, cfg):
+    if isinstance(cfg.keep, dict):
+        named = [cfg.keep[p] for p in g.producers if p in cfg.keep]
+        value = named[0]
+        return max(1, value // g.blocks) if isinstance(value, int) else value
+    return 0.5 if cfg.keep is None else cfg.keep
+
+
+def _record(g, kept, gs, seconds, errors, notes_of, cfg) -> UnitRecord:
+    keys = [ln.reader.key for ln in g.links]
+    total = sum(errors[k][2] for k in keys) or 1.0
+    err_sel = sum(errors[k][0] * errors[k][2] for k in keys) / total
+    err_rec = sum(errors[k][1] * errors[k][2] for k in keys) / total
+    recons = sorted({errors[k][3] for k in keys})
+    notes = [f"coupled group: producers {', '.join(g.producers)}"]
+    if g.followers:
+        notes.append(f"followers: {', '.join(g.followers)}")
+    if g.blocks > 1:
+        notes.append(f"{g.blocks} aligned blocks (grouped convs / GroupNorm)")
+    notes += list(g.notes)
+    for k in keys:
+        notes += notes_of[k]
+    return UnitRecord(producer=g.name, consumer=", ".join(ln.reader.name for ln in g.links), channels=g.channels,
+                      kept=int(kept.numel()), method=cfg.method, statistics=gs.statistics,
+                      reconstruction="/".join(recons), error_selected=float(err_sel),
+                      error_reconstructed=float(err_rec), seconds=seconds, notes=tuple(dict.fromkeys(notes)),
+                      statistics_backend=gs.backend)
