@@ -83,6 +83,14 @@ def _plan(work: nn.Module, example, cfg: PruneConfig, units_arg) -> tuple[UnitPl
         if units_arg is not None:
             units_arg = [u for u in units_arg if not inside(u)]
             filter_fn = None
+    if cfg.coupled == "prune" and units_arg is not None:
+        # a named producer may be coupled: the plain ones go to find_units, the rest to the groups
+        modules = dict(work.named_modules())
+        missing = [u for u in units_arg if u not in modules]
+        if missing:
+            raise ValueError(f"units= names {missing}, which are not modules of {type(work).__name__}")
+        named = set(units_arg)
+        filter_fn, units_arg = (lambda m, fqn: fqn in named), None
     try:
         return find_units(work, example, units=units_arg, filter_fn=filter_fn,
                           leaf_modules=cfg.leaf_modules), ""
