@@ -10,18 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..groups import MAX_FEATURE_GRAM, UnsupportedGroupError, _name, _root_idxs  # one definition
 from ..ops.patches import ConsumerGeometry, UnsupportedConsumer
 
 __all__ = ["UnsupportedGroupError", "MAX_FEATURE_GRAM"]
-
-# A Linear consumer whose features do not come in aligned per-channel blocks is taken
-# feature by feature (t = 1, exact); its Gram is then in_features² entries.
-MAX_FEATURE_GRAM = 16384
-
-
-class UnsupportedGroupError(ValueError):
-    """A group's channels reach a layer whose statistics thinet_fast cannot express."""
-
 
 # ----------------------------------------------------------------- group analysis
 @dataclass(frozen=True, eq=False)
@@ -50,16 +42,6 @@ class _Link:
     consumer: _Consumer
     channels: torch.Tensor         # (m,) consumer input channels
     positions: torch.Tensor        # (m,) their positions in the group's root idxs
-
-
-def _name(DG, module) -> str:
-    name = DG._module2name.get(module) if hasattr(DG, "_module2name") else None
-    return name if name else f"<{type(module).__name__}>"
-
-
-def _root_idxs(item) -> list:
-    root = getattr(item, "root_idxs", None)
-    return list(item.idxs) if root is None else list(root)
 
 
 def _conv_geometry(module: nn.Conv2d, name: str) -> ConsumerGeometry:
