@@ -42,24 +42,53 @@ def _tp(model, x, importance, ratio):
     return m
 
 
-def run(name: str, images: int, size: int, ratio: float, seed: int = 0) -> dict:
+@torch.no_grad()
+def _bn_stats(model, x):
+    """Random init leaves BatchNorm at mean 0, var 1, so deep nets blow up or vanish in
+    eval mode; re-estimating the statistics on the calibration images puts activations
+    at the scale of a trained net (the same model for every method)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    model.train()
+    for chunk in x.split(16):
+        model(chunk)
+    model.eval()
+
+
+def _timed(fn, model, held):
+    t = time.perf_counter()
+    try:
+        m = fn()
+    except Exception as exc:  # one method failing must not hide the others
+        return (None, f"{type(exc).__name__}: {exc}"[:120], time.perf_counter() - t)
+    return (_params(m), _dev(m, model, held), time.perf_counter() - t)
+
+
+def run(name: str, images: int, size: int, ratio: float, seed: int = 0, bn_stats: bool = True) -> dict:
     torch.manual_seed(seed)
     kw = {"image_size": size} if name.startswith("vit") else {}
     model = torchvision.models.get_model(name, weights=None, **kw).eval()
     g = torch.Generator().manual_seed(seed)
     calib = torch.randn(images, 3, size, size, generator=g)
     held = torch.randn(16, 3, size, size, generator=g)
+    if bn_stats:
+        _bn_stats(model, calib)
     rows = {"model": name, "params": _params(model)}
-    t = time.perf_counter()
-    mag = _tp(model, calib, tp.importance.MagnitudeImportance(p=1), ratio)
-    rows["tp_magnitude"] = (_params(mag), _dev(mag, model, held), time.perf_counter() - t)
-    t = time.perf_counter()
-    thi = _tp(model, calib, ThiNetImportance([calib], num_images=images), ratio)
-    rows["tp_thinet_importance"] = (_params(thi), _dev(thi, model, held), time.perf_counter() - t)
-    t = time.perf_counter()
-    ours = tf.prune(model, calib, keep=1 - ratio, num_images=images, coupled="prune", progress=False).model
-    rows["thinet_fast"] = (_params(ours), _dev(ours, model, held), time.perf_counter() - t)
+    rows["tp_magnitude"] = _timed(lambda: _tp(model, calib, tp.importance.MagnitudeImportance(p=1), ratio),
+                                  model, held)
+    rows["tp_thinet_importance"] = _timed(
+        lambda: _tp(model, calib, ThiNetImportance([calib], num_images=images), ratio), model, held)
+    for key, recon in (("thinet_fast", "scale"), ("thinet_fast_full", "full")):
+        rows[key] = _timed(lambda: tf.prune(model, calib, keep=1 - ratio, num_images=images, coupled="prune",
+                                            reconstruction=recon, progress=False).model, model, held)
     return rows
+
+
+def _cell(r):
+    p, d, s = r
+    return f"failed ({d}), {s:.1f}" if p is None else f"{p / 1e6:.2f}M, {d:.3f}, {s:.1f}"
 
 
 def main():
@@ -68,13 +97,15 @@ def main():
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--no-bn-stats", action="store_true", help="keep random init's BatchNorm statistics")
     args = ap.parse_args()
-    print("| model | params | TP magnitude: params, dev, s | TP + ThiNetImportance | thinet_fast prune(coupled) |")
-    print("|---|---|---|---|---|")
+    print("| model | params | TP magnitude: params, dev, s | TP + ThiNetImportance | prune(coupled), scale "
+          "| prune(coupled), full refit |")
+    print("|---|---|---|---|---|---|")
     for name in args.models:
-        r = run(name, args.images, args.size, args.ratio)
-        cells = [f"{p / 1e6:.2f}M, {d:.3f}, {s:.1f}" for p, d, s in
-                 (r["tp_magnitude"], r["tp_thinet_importance"], r["thinet_fast"])]
+        r = run(name, args.images, args.size, args.ratio, bn_stats=not args.no_bn_stats)
+        cells = [_cell(r[k]) for k in ("tp_magnitude", "tp_thinet_importance", "thinet_fast",
+                                         "thinet_fast_full")]
         print(f"| {name} | {r['params'] / 1e6:.2f}M | " + " | ".join(cells) + " |", flush=True)
 
 

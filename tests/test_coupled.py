@@ -78,7 +78,7 @@ def test_refuse_is_the_default_and_prune_cuts_the_residual_group():
 
 def test_group_selection_is_greedy_on_the_summed_gram():
     model, x = Residual().eval(), _data()
-    groups, refused, _ = find_groups(model, x[:1])
+    groups, refused = find_groups(model, x[:1])
     print(refused)
     (g,) = [g for g in groups if set(g.producers) == {"stem", "conv2"}]
     assert {r.name for r in g.readers} == {"conv1", "conv3", "fc"}
@@ -147,3 +147,32 @@ def test_ignored_layers_are_not_pruned():
     res = tf.prune(model, x, **{**OPTS, "ignored_layers": ["stem"]})
     m = res.model
     assert m.stem.out_channels == m.conv2.out_channels == 8 and m.conv1.out_channels == 3
+
+
+def test_coupled_stage_is_checkpointed_and_resumes_exactly(tmp_path, monkeypatch):
+    import thinet_fast.pipeline.coupled as coupled
+
+    model, x = Residual().eval(), _data()
+    want = tf.prune(model, x, **OPTS).model
+    real = coupled.run_coupled
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    path = tmp_path / "run.ckpt"
+    monkeypatch.setattr(coupled, "run_coupled", crash)  # interrupted in the coupled stage
+    with pytest.raises(KeyboardInterrupt):
+        tf.prune(model, x, resume=str(path), **OPTS)
+    meta = torch.load(path, weights_only=True)["meta"]
+    assert "coupled" not in meta and [r["producer"] for r in meta["records"]] == ["conv1"]
+    monkeypatch.setattr(coupled, "run_coupled", real)
+    got = tf.prune(model, x, resume=str(path), **OPTS)
+    meta = torch.load(path, weights_only=True)["meta"]
+    assert "coupled" in meta and len(meta["records"]) == 2
+    for (k, a), (_, b) in zip(want.state_dict().items(), got.model.state_dict().items()):
+        assert a.shape == b.shape and torch.equal(a, b), k
+    monkeypatch.setattr(coupled, "run_coupled", crash)  # a finished checkpoint never reruns it
+    again = tf.prune(model, x, resume=str(path), **OPTS)
+    assert any("coupled groups: 1 pruned" in n for n in again.report.notes)
+    for (k, a), (_, b) in zip(want.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), k

@@ -1,7 +1,8 @@
 """torchvision models pruned with coupled="prune" at keep 0.5 (random init, small
 inputs): each runs, gives finite output, round-trips through save/load, and loses at
 least 35% of its parameters (30% where attention, which is not pruned, holds a large
-share). ``THINET_FAST_ZOO=all`` runs every classification and segmentation model."""
+share). ``THINET_FAST_ZOO=all`` runs every classification, segmentation and detection
+model (detectors keep every box: score threshold 0)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,8 @@ pytest.importorskip("torch_pruning")
 import thinet_fast as tf  # noqa: E402
 
 SMOKE = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "regnet_y_400mf", "mnasnet0_5",
-         "squeezenet1_0", "efficientnet_b0", "resnext50_32x4d", "convnext_tiny", "lraspp_mobilenet_v3_large"]
+         "squeezenet1_0", "efficientnet_b0", "resnext50_32x4d", "convnext_tiny", "lraspp_mobilenet_v3_large",
+         "fasterrcnn_mobilenet_v3_large_320_fpn"]
 ATTENTION = ("vit_", "swin_", "maxvit_")
 
 
@@ -23,32 +25,46 @@ def _names():
     if os.environ.get("THINET_FAST_ZOO") != "all":
         return SMOKE
     return (torchvision.models.list_models(module=torchvision.models)
-            + torchvision.models.list_models(module=torchvision.models.segmentation))
+            + torchvision.models.list_models(module=torchvision.models.segmentation)
+            + torchvision.models.list_models(module=torchvision.models.detection))
 
 
 def _build(name):
     kw = {"image_size": 64} if name.startswith("vit_") else {}
+    size = 96 if name == "inception_v3" else 224 if name.startswith(("swin", "maxvit")) else 64
     if name in torchvision.models.list_models(module=torchvision.models.segmentation):
         kw = dict(weights_backbone=None, num_classes=5)
-    size = 96 if name == "inception_v3" else 224 if name.startswith(("swin", "maxvit")) else 64
+    if name in torchvision.models.list_models(module=torchvision.models.detection):
+        kw, size = dict(weights_backbone=None), 128
+        if name.startswith(("ssd", "retinanet", "fcos")):
+            kw["score_thresh"] = 0.0
+        else:
+            kw["box_score_thresh"] = 0.0
+        if not name.startswith("ssd"):
+            kw.update(min_size=size, max_size=size)
     return torchvision.models.get_model(name, weights=None, **kw).eval(), size
 
 
 def _out(y):
-    return y["out"] if isinstance(y, dict) else y
+    """Every floating-point output, flattened (a detector returns a list of dicts)."""
+    if isinstance(y, torch.Tensor):
+        return y.flatten()
+    if isinstance(y, dict):
+        y = [y["out"]] if "out" in y else list(y.values())
+    return torch.cat([_out(v) for v in y if not isinstance(v, torch.Tensor) or v.is_floating_point()])
 
 
 @pytest.mark.parametrize("name", _names())
 def test_zoo_model_prunes(name, tmp_path):
     torch.manual_seed(0)
     model, size = _build(name)
-    x = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(6, 3, size, size, generator=torch.Generator().manual_seed(0))
     res = tf.prune(model, x, keep=0.5, num_images=6, coupled="prune", progress=False)
     p0 = sum(p.numel() for p in model.parameters())
     p1 = sum(p.numel() for p in res.model.parameters())
     y = _out(res.model(x[:2]))
     print(f"{name}: {p0 / 1e6:.2f}M -> {p1 / 1e6:.2f}M ({1 - p1 / p0:.0%} less)")
-    assert torch.isfinite(y).all()
+    assert y.numel() > 0 and torch.isfinite(y).all()
     assert 1 - p1 / p0 >= (0.30 if name.startswith(ATTENTION) else 0.35)
     tf.save(res.model, tmp_path / "m.pt")
     back = tf.load(tmp_path / "m.pt")

@@ -22,6 +22,7 @@ from torch import nn
 
 from .modes import preserved_modes
 from .ops.patches import ConsumerGeometry, UnsupportedConsumer
+from .regions import Exit, TokenExit, find_regions
 
 __all__ = ["ChannelGroup", "Reader", "Link", "UnsupportedGroupError", "dependency_graph", "find_groups",
            "analyse", "input_shapes", "MAX_FEATURE_GRAM"]
@@ -104,17 +105,23 @@ class ChannelGroup:
     links: list[Link]
     blocks: int = 1
     notes: tuple[str, ...] = ()
+    graph: Any = field(default=None, repr=False)  # the DependencyGraph that cuts it
+
+    def prune(self, drop: list[int]) -> None:
+        """Cut the positions ``drop`` from every member (Torch-Pruning)."""
+        if drop:
+            self.graph.get_pruning_group(self.root, self.root_fn, drop).prune()
 
     @property
     def readers(self) -> list[Reader]:
         return [ln.reader for ln in self.links]
 
 
-def dependency_graph(model: nn.Module, example_inputs, *, ignored_layers: Iterable[nn.Module] = ()):
+def dependency_graph(model: nn.Module, example_inputs, *, ignored_layers: Iterable[nn.Module] = (), forward_fn=None):
     """Torch-Pruning's dependency graph of ``model`` (traced with ``example_inputs``)."""
     tp = torch_pruning()
     with preserved_modes(model, train=False):
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=forward_fn,
                                                      ignored_layers=list(ignored_layers), verbose=False)
 
 
@@ -212,6 +219,11 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
         dep, idxs = item[0], item[1]
         module, handler = dep.target.module, dep.handler
         name = _name(DG, module) if not isinstance(module, nn.Parameter) else "<parameter>"
+        if isinstance(module, (Exit, TokenExit)):
+            where = getattr(DG, "_thinet_region", "")
+            raise UnsupportedGroupError(
+                "these channels are an output of " + (f"`{where}`, and code outside the traced graph reads them"
+                                                      if where else "the model") + "; they are kept")
         if isinstance(module, nn.Parameter):
             followers.append(DG._param_to_name.get(module, name) if hasattr(DG, "_param_to_name") else name)
             continue  # a per-channel parameter (layer scale, class token): it loses the same channels
@@ -296,39 +308,74 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
                         tuple(dict.fromkeys(followers)), list(merged.values()), blocks, tuple(notes))
 
 
-def find_groups(model: nn.Module, example_inputs, *, DG=None, ignored_layers: Iterable[nn.Module] = (),
-                skip: Iterable[str] = ()) -> tuple[list[ChannelGroup], list[tuple[str, str]], Any]:
+def find_groups(model: nn.Module, example_inputs, *, ignored_layers: Iterable[nn.Module] = (),
+                skip: Iterable[str] = ()) -> tuple[list[ChannelGroup], list[tuple[str, str]]]:
     """Every group of ``model`` rooted at a Conv2d/Linear, except those whose root is in
-    ``skip`` or whose producers are ``ignored_layers``. Returns ``(groups, refused,
-    DG)``: ``refused`` holds ``(root fqn, reason)``."""
+    ``skip`` or whose producers are ``ignored_layers``. The graph is built per region
+    (:mod:`thinet_fast.regions`): the whole model when torch.fx traces it, else its
+    traceable subtrees. Returns ``(groups, refused)``: ``refused`` holds ``(fqn, reason)``."""
     ignored = [m for layer in ignored_layers for m in layer.modules()]
     ignored_ids = {id(m) for m in ignored}
-    DG = DG if DG is not None else dependency_graph(model, example_inputs, ignored_layers=[])
     shapes = input_shapes(model, example_inputs)
+    names = {m: n for n, m in model.named_modules()}
     skip = set(skip)
     found, refused = [], []
-    for g in DG.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
-        root = _name(DG, g[0][0].target.module)
-        if root in skip:
-            continue
+    for scope in find_regions(model, example_inputs):
         try:
-            cg = analyse(g, shapes)
-        except UnsupportedGroupError as exc:
-            refused.append((root, str(exc)))
+            DG = dependency_graph(scope.wrapped(), (scope.args, scope.kwargs), forward_fn=lambda m, x: m(*x))
+        except Exception as exc:  # Torch-Pruning's tracer fails on code it does not model
+            refused.append((scope.name or "<model>", f"Torch-Pruning could not build its graph: "
+                                                     f"{type(exc).__name__}: {exc}"[:300]))
             continue
-        if any(p in skip for p in cg.producers):
+        DG._module2name, DG._thinet_region = names, scope.name
+        for root, g in _all_groups(DG, ignored_ids, refused):
+            if root in skip:
+                continue
+            try:
+                cg = analyse(g, shapes)
+            except UnsupportedGroupError as exc:
+                refused.append((root, str(exc)))
+                continue
+            cg.graph = DG
+            if any(p in skip for p in cg.producers):
+                continue
+            if any(id(m) in ignored_ids for m in _members(g)):
+                refused.append((root, "a member is in ignored_layers"))
+                continue
+            if not cg.links:
+                refused.append((root, "no Conv2d/Linear reads these channels (they reach the model output)"))
+                continue
+            if cg.channels < 2:
+                refused.append((root, f"{cg.channels} channel(s); nothing to prune"))
+                continue
+            found.append(cg)
+    return found, refused
+
+
+def _all_groups(DG, ignored_ids: set, refused: list):
+    """``(root fqn, group)`` for each Conv2d/Linear whose output channels no earlier
+    group holds. A root that Torch-Pruning cannot group (its index mapping fails) is
+    refused with the reason, instead of ending the search."""
+    seen: set[int] = set()
+    for m in list(DG.module2node):
+        if not isinstance(m, (nn.Conv2d, nn.Linear)) or isinstance(m, TokenExit) or id(m) in seen \
+                or id(m) in ignored_ids:
             continue
-        if any(id(m) in ignored_ids for m in _members(g)):
-            refused.append((root, "a member is in ignored_layers"))
+        pruner = DG.get_pruner_of_module(m)
+        width = pruner.get_out_channels(m) if pruner is not None else None
+        if not width:
             continue
-        if not cg.links:
-            refused.append((root, "no Conv2d/Linear reads these channels (they reach the model output)"))
+        root = _name(DG, m)
+        try:
+            group = DG.get_pruning_group(m, pruner.prune_out_channels, list(range(width)))
+        except Exception as exc:
+            refused.append((root, f"Torch-Pruning could not group these channels: {type(exc).__name__}: {exc}"[:300]))
+            seen.add(id(m))
             continue
-        if cg.channels < 2:
-            refused.append((root, f"{cg.channels} channel(s); nothing to prune"))
-            continue
-        found.append(cg)
-    return found, refused, DG
+        for dep, _ in group:
+            if DG.is_out_channel_pruning_fn(dep.handler):
+                seen.add(id(dep.target.module))
+        yield root, group
 
 
 def _members(group):

@@ -116,12 +116,31 @@ class _MetaNorms(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _tensor_attrs(model: nn.Module) -> list[tuple[nn.Module, str, Any]]:
+    """Plain tensor attributes (not parameters or buffers), and lists of them: some
+    modules move them to the input's device in forward (torchvision's AnchorGenerator),
+    so a meta or fake forward would leave them meta or fake."""
+    held = []
+    for m in model.modules():
+        for k, v in vars(m).items():
+            if isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and v
+                                               and all(isinstance(t, torch.Tensor) for t in v)):
+                held.append((m, k, v))
+    return held
+
+
+def _restore(held) -> None:
+    for m, k, v in held:
+        setattr(m, k, v)
+
+
 def shape_forward(model: nn.Module, fn: Callable, inputs: Sequence) -> Any:
     """``fn(*inputs)`` for shapes only, on a model whose parameters and buffers are left
     as they were. First with every parameter, buffer and input swapped for a meta tensor
     (no compute, no fake-tensor dispatch: the fastest), then on fake tensors, then (an
     op neither supports) as one real forward."""
     meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
+    held = _tensor_attrs(model)
     with torch.no_grad(), shape_pass(model):
         try:
             state = {f"model.{k}": v.to("meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
@@ -129,6 +148,8 @@ def shape_forward(model: nn.Module, fn: Callable, inputs: Sequence) -> Any:
                 return torch.func.functional_call(_Call(model, fn), state, tuple(meta(x) for x in inputs))
         except Exception:  # a tensor held outside parameters/buffers, a data-dependent op, ...
             pass
+        finally:
+            _restore(held)
         try:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -137,6 +158,8 @@ def shape_forward(model: nn.Module, fn: Callable, inputs: Sequence) -> Any:
                 return fn(*[mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs])
         except Exception:
             pass
+        finally:
+            _restore(held)
         return fn(*inputs)
 
 

@@ -39,6 +39,7 @@ Importing this module needs Torch-Pruning (``pip install torch-pruning``, tested
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Optional, Sequence
 
@@ -58,11 +59,29 @@ from ..ops.draws import position_keys
 from ..ops.stats import STATISTICS
 from ..pipeline.collect import StatsSpec, feed, iter_batches, model_device, reduce_accumulators
 from ..pipeline.methods import REGISTRY, SelectContext, get_method, selection_backend
-from .tp_groups import UnsupportedGroupError, _analyse, _Consumer, _name, _root_idxs, _state_key  # noqa: F401
+from ..groups import Reader, UnsupportedGroupError, _name, _root_idxs, analyse
 
 __all__ = ["ThiNetImportance", "UnsupportedGroupError", "thinet_pruner"]
 
 METHODS = tuple(m.name for m in REGISTRY.values() if m.rank is not None)  # built-ins that rank from a Gram
+
+
+def _links(group):
+    """The readers of a Torch-Pruning group (strict: what a ranking without a refit can
+    express; grouped readers and LayerNorm/GroupNorm are refused)."""
+    try:
+        return analyse(group, strict=True).links
+    except UnsupportedGroupError as exc:
+        raise UnsupportedGroupError(f"{exc}. Add the group's producer(s) to ignored_layers, or prune with "
+                                    "thinet_fast.prune(coupled='prune'), which reconstructs them") from None
+
+
+def _state_key(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced, resized or modified in place
+    (autograd's version counter). Edits through ``.data`` are not seen: call ``reset()``."""
+    return (id(model),) + tuple(
+        (id(t), t.data_ptr(), tuple(t.shape), t._version)
+        for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 # ----------------------------------------------------------------- the importance
@@ -176,29 +195,29 @@ class ThiNetImportance(tp.importance.Importance):
 
     def consumers(self, group) -> list[str]:
         """Names of the Conv2d/Linear layers that read ``group``'s channels."""
-        return [ln.consumer.name for ln in _analyse(group)[1]]
+        return [ln.reader.name for ln in _links(group)]
 
     @torch.no_grad()
     def gram(self, group) -> tuple[Optional[torch.Tensor], list[str]]:
         """The group's Gram matrix (C×C, in the order of the root idxs): the sum of its
         consumers' Grams restricted to the group's channels, and the consumers' names.
         ``(None, [])`` when nothing reads the channels."""
-        _, links, _ = _analyse(group)
+        links = _links(group)
         if not links:
             return None, []
         model = group._DG.model
-        self._ensure(model, [ln.consumer for ln in links], group._DG)
+        self._ensure(model, [ln.reader for ln in links], group._DG)
         n = len(_root_idxs(group[0]))
         G = None
         for ln in links:
-            Gc = self._stats[ln.consumer.key][3]
+            Gc = self._stats[ln.reader.key][3]
             if G is None:
                 G = Gc.new_zeros(n, n)
             ch = ln.channels.to(Gc.device)
             sub = Gc.index_select(0, ch).index_select(1, ch).to(G.device)
             p = ln.positions.to(G.device)
             G.index_put_((p[:, None].expand_as(sub), p[None, :].expand_as(sub)), sub, accumulate=True)
-        return G, [ln.consumer.name for ln in links]
+        return G, [ln.reader.name for ln in links]
 
     @torch.no_grad()
     def __call__(self, group) -> Optional[torch.Tensor]:
@@ -228,7 +247,7 @@ class ThiNetImportance(tp.importance.Importance):
         return scores / (n - 1) if self.normalize else scores
 
     # -- statistics ---------------------------------------------------------------
-    def _ensure(self, model: nn.Module, wanted: list[_Consumer], DG) -> None:
+    def _ensure(self, model: nn.Module, wanted: list[Reader], DG) -> None:
         key = _state_key(model)
         if key != self._key:
             self._stats.clear()
@@ -243,17 +262,17 @@ class ThiNetImportance(tp.importance.Importance):
         self._collect(model, list(todo.values()))
         self._key = _state_key(model)  # unchanged by a forward in eval mode; re-read to be safe
 
-    def _all_consumers(self, DG) -> list[_Consumer]:
+    def _all_consumers(self, DG) -> list[Reader]:
         ignored = [m for layer in self.ignored_layers if isinstance(layer, nn.Module) for m in layer.modules()]
         out = []
         for g in DG.get_all_groups(ignored_layers=ignored, root_module_types=self.root_module_types):
             try:
-                out += [ln.consumer for ln in _analyse(g)[1]]
+                out += [ln.reader for ln in _links(g)]
             except UnsupportedGroupError:
                 continue  # reported when (if) that group is asked for
         return out
 
-    def _collect(self, model: nn.Module, consumers: list[_Consumer]) -> None:
+    def _collect(self, model: nn.Module, consumers: list[Reader]) -> None:
         spec = StatsSpec(statistics=self.statistics, num_images=self.num_images,
                          samples_per_image=self.samples_per_image, seed=self.seed, acc_dtype=self.dtype,
                          backend=self.backend, count_zeros=False)

@@ -46,6 +46,14 @@ def position_keys(index: torch.Tensor) -> torch.Tensor:
     return _mix(index.to(torch.int64) + 0x5BD1E995)
 
 
+def row_keys(keys: torch.Tensor, rows: int) -> torch.Tensor:
+    """Keys for ``rows`` samples made from a batch of images ``keys``: a layer whose
+    batch is not the image batch (a detector's RoI head) keys each row from the whole
+    batch and the row's position, so its draws are as repeatable as the images'."""
+    batch = _mix(keys.to("cpu", torch.int64)).sum() & M31
+    return _mix(position_keys(torch.arange(rows, dtype=torch.int64)) ^ batch)
+
+
 def keyed(keys: torch.Tensor, seed: int, stream: str, count: int) -> torch.Tensor:
     """(N, count) int64 draws in [0, 2^31) for images ``keys`` (N,)."""
     s = _mix(torch.tensor((int(seed) * 0x9E3779B1 + STREAMS[stream] * 0x7FEB352D) & M31, dtype=torch.int64))

@@ -46,10 +46,14 @@ def writes_checkpoints() -> bool:
 
 
 def save_checkpoint(path: str, model: nn.Module, cfg: PruneConfig, source: dict, records: list[dict],
-                    data: dict | None) -> None:
-    """Atomically write the partly pruned model and what was done."""
-    save(model, path, meta={"format": CHECKPOINT_FORMAT, "options": cfg.fingerprint(), "source": source,
-                            "data": data, "records": [r.to_dict() for r in records]})
+                    data: dict | None, coupled: list | None = None) -> None:
+    """Atomically write the partly pruned model and what was done (``coupled``: the
+    refused groups, once the coupled stage has run)."""
+    meta = {"format": CHECKPOINT_FORMAT, "options": cfg.fingerprint(), "source": source,
+            "data": data, "records": [r.to_dict() for r in records]}
+    if coupled is not None:
+        meta["coupled"] = coupled
+    save(model, path, meta=meta)
 
 
 def _differences(theirs: dict, ours: dict) -> list[str]:

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..modes import preserved_modes
-from ..ops.draws import image_keys
+from ..ops.draws import image_keys, row_keys
 from ..ops.patches import ConsumerGeometry, tokens_as_map
 from ..ops.dispatch import BACKEND_NAMES
 from ..ops.stats import MAX_COV_DIM, STATISTICS, Statistics, StatsAccumulator, choose_mode
@@ -201,8 +201,11 @@ def feed(model: nn.Module, sinks: Mapping[nn.Module, list[Sink]], batches: Itera
 
     def make_hook(module, targets):
         def hook(_, args):
+            keys = current["keys"]
+            if keys is not None and args[0].shape[0] != keys.numel():
+                keys = row_keys(keys, args[0].shape[0])  # rows are not images (RoI heads)
             for sink in targets:
-                sink(args[0], current["keys"])
+                sink(args[0], keys)
             seen.add(id(module))
             if stop_early and seen >= wanted:
                 raise StopForward

@@ -130,16 +130,31 @@ def _write(reader: Reader, keep: torch.Tensor, new_w: torch.Tensor, new_b, DG) -
         return f"`{reader.name}` gained a bias (bias compensation)"
 
 
+class CoupledStage:
+    """The coupled groups as one step of a schedule: ``run(model)`` prunes them and
+    keeps the refused roots in ``refused`` (a resumed run restores them instead)."""
+
+    def __init__(self, example, data, cfg, device, spec, timer, *, skip=(), ignored_layers=()):
+        self._args = (example, data, cfg, device, spec, timer)
+        self._kw = dict(skip=skip, ignored_layers=ignored_layers)
+        self.refused: list[tuple[str, str]] = []
+
+    def run(self, model: nn.Module) -> list[UnitRecord]:
+        records, self.refused = run_coupled(model, *self._args, **self._kw)
+        return records
+
+
 def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, timer, *, skip=(),
                 ignored_layers=()) -> tuple[list[UnitRecord], list[tuple[str, str]]]:
     """Prune every coupled group of ``model`` in place. Returns the group records and
     the refused roots ``(fqn, reason)``."""
     with timer.phase("groups"):
-        groups, refused, DG = find_groups(model, example, ignored_layers=ignored_layers, skip=skip)
+        groups, refused = find_groups(model, example, ignored_layers=ignored_layers, skip=skip)
         groups = [g for g in groups if _wanted(g, cfg, model)]
     if not groups:
         return [], refused
     readers = {r.key: r for g in groups for r in g.readers}
+    graph_of = {r.key: g.graph for g in groups for r in g.readers}
     with progress_bar(spec.num_images, "statistics (groups)", cfg.progress) as bar:
         stats = collect_accumulators(model, list(readers.values()), iter_batches(data, spec.num_images, device),
                                      spec, bar=bar, timer=timer)
@@ -163,7 +178,7 @@ def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, t
         d = decide(reader_unit(chosen[0][0], reader), stats[key], keep.numel(), None, _dense(reader),
                    method=cfg.method, reconstruction=recon, bias_compensation=cfg.bias_compensation,
                    seed=cfg.seed, backend=cfg.backend, ridge=cfg.ridge, selection=(keep, None))
-        note = _write(reader, keep, d.consumer_weight, d.consumer_bias, DG)
+        note = _write(reader, keep, d.consumer_weight, d.consumer_bias, graph_of[key])
         energy = float(stats[key].gram.double().sum())
         errors[key] = (d.error_selected, d.error_reconstructed, energy, d.reconstruction)
         notes_of[key] = list(d.notes) + ([note] if note else []) + (
@@ -172,8 +187,7 @@ def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, t
     with timer.phase("rewrite"):
         for g, kept, gs, seconds in chosen:
             drop = sorted(set(range(g.channels)) - set(kept.tolist()))
-            if drop:
-                DG.get_pruning_group(g.root, g.root_fn, drop).prune()
+            g.prune(drop)
             records.append(_record(g, kept, gs, seconds, errors, notes_of, cfg))
     return records, refused
 

@@ -12,7 +12,7 @@ from torch import nn
 from ..files import check_writable
 from ..report import Report, build_report
 from ..units import UnitPlan, UntraceableModelError, find_units, get_module
-from .coupled import run_coupled
+from .coupled import CoupledStage
 from .budget import allocate_flops
 from .calibrate import recalibrate_batchnorm
 from .collect import StatsSpec, collect_units, images_in, iter_batches, model_device, progress_bar
@@ -179,21 +179,22 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
     else:
         n_keep = keeps.for_config(plan, cfg, preset)
 
-    if not plan.units:
-        records = []
-    elif cfg.schedule == "sequential":
-        records = run_sequential(work, plan.units, n_keep, data, cfg, device, spec, timer, graph=plan.graph,
-                                 example=example[:1])
-    else:
-        records = run_oneshot(work, plan.units, n_keep, data, cfg, device, spec, timer, stats=stats)
+    stage = None
     if cfg.coupled == "prune":
-        ignored = [get_module(work, f) for f in cfg.ignored_layers]
-        grouped, refused_groups = run_coupled(work, example[:1], data, cfg, device, spec, timer,
-                                              skip={u.producer for u in plan.units}, ignored_layers=ignored)
-        records += grouped
-        notes.append(f"coupled groups: {len(grouped)} pruned, {len(refused_groups)} left "
+        stage = CoupledStage(example[:1], data, cfg, device, spec, timer, skip={u.producer for u in plan.units},
+                             ignored_layers=[get_module(work, f) for f in cfg.ignored_layers])
+    if cfg.schedule == "sequential" and (plan.units or cfg.resume):
+        records = run_sequential(work, plan.units, n_keep, data, cfg, device, spec, timer, graph=plan.graph,
+                                 example=example[:1], coupled=stage)
+    else:
+        records = run_oneshot(work, plan.units, n_keep, data, cfg, device, spec, timer,
+                              stats=stats) if plan.units else []
+        records += stage.run(work) if stage is not None else []
+    if stage is not None:
+        grouped = [r for r in records if r.producer not in {u.producer for u in plan.units}]
+        notes.append(f"coupled groups: {len(grouped)} pruned, {len(stage.refused)} left "
                      f"(Torch-Pruning's DependencyGraph)")
-        notes += [f"group `{root}` not pruned: {why}" for root, why in refused_groups]
+        notes += [f"group `{root}` not pruned: {why}" for root, why in stage.refused]
         if not records:
             raise ValueError("nothing was pruned: no plain unit and no coupled group could be pruned:\n"
                              + "\n".join(notes))

@@ -44,14 +44,17 @@ def transplant(model: nn.Module, source: nn.Module) -> None:
 
 # ------------------------------------------------------------------ schedules
 def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], data, cfg: PruneConfig,
-                   device, spec: StatsSpec, timer: Timings, graph=None, example=None) -> list[UnitRecord]:
+                   device, spec: StatsSpec, timer: Timings, graph=None, example=None,
+                   coupled=None) -> list[UnitRecord]:
     """Paper schedule: statistics of each unit on the partly pruned model. Each unit's
     pass runs only the segment from the replay cache to its consumer (or from the
     images, past the cache's memory budget); a checkpoint after every unit when
-    ``cfg.resume`` is set (``example``: the first calibration image, if already read)."""
+    ``cfg.resume`` is set (``example``: the first calibration image, if already read).
+    ``coupled`` (a :class:`~thinet_fast.pipeline.coupled.CoupledStage`) runs after the
+    last unit, and is checkpointed as one step."""
     records: list = []
     done: set[str] = set()
-    digest, data_seen = None, None
+    digest, data_seen, coupled_done = None, None, None
     if cfg.resume:
         if example is None:
             example = next(iter(iter_batches(data, 1, device)))
@@ -61,10 +64,12 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
             loaded, meta = checkpoint.load_checkpoint(cfg.resume, cfg, source, model, device)
             records, data_seen = [UnitRecord.from_dict(r) for r in meta["records"]], meta.get("data")
             done = {r.producer for r in records}
+            coupled_done = meta.get("coupled")  # the groups' refusals, once the stage has run
             # the whole checkpointed model: a per-unit fine-tune may have changed any layer
             transplant(model, loaded)
     replay = Replay(model, data, spec.num_images, device, host_budget=cfg.replay_memory,
-                    enabled=cfg.replay_memory != 0, images_only=cfg.finetune is not None, graph=graph)
+                    enabled=cfg.replay_memory != 0 and bool(units), images_only=cfg.finetune is not None,
+                    graph=graph)
     for index, unit in enumerate(units):
         if unit.producer in done:
             continue
@@ -92,6 +97,13 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
         for x in iter_batches(data, spec.num_images, device):
             digest.update(x)
         checkpoint.check_data(cfg.resume, data_seen, digest.all_reduce())
+    if coupled is not None and coupled_done is not None:
+        coupled.refused = [tuple(r) for r in coupled_done]
+    elif coupled is not None:
+        records += coupled.run(model)
+        if cfg.resume and checkpoint.writes_checkpoints():
+            checkpoint.save_checkpoint(cfg.resume, model, cfg, source, records, data_seen,
+                                       coupled=[list(r) for r in coupled.refused])
     return records
 
 
