@@ -98,7 +98,8 @@ def _plan(work: nn.Module, example, cfg: PruneConfig, units_arg) -> tuple[UnitPl
         if cfg.coupled != "prune":
             raise UntraceableModelError(f"{exc}\nOr pass coupled='prune': Torch-Pruning's autograd graph then "
                                         "finds every group, plain chains included.") from exc
-        return UnitPlan([], []), f"torch.fx could not trace the model; every group came from Torch-Pruning ({exc})"[:400]
+        return UnitPlan([], []), ("torch.fx could not trace the model: every group came from Torch-Pruning, on the "
+                                  f"largest fx-traceable submodules ({exc})")[:400]
 
 
 def _warn_scarce(records: list[dict], notes: list[str]) -> None:
