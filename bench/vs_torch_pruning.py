@@ -44,9 +44,9 @@ def _tp(model, x, importance, ratio):
 
 @torch.no_grad()
 def _bn_stats(model, x):
-    """Random init leaves BatchNorm at mean 0, var 1, so deep nets blow up or vanish in
-    eval mode; re-estimating the statistics on the calibration images puts activations
-    at the scale of a trained net (the same model for every method)."""
+    """Re-estimate BatchNorm's statistics on the calibration images (the same model for
+    every method). Random weights with normalised activations sit at the edge of chaos,
+    where any small change moves the output a lot, so this is off by default."""
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
@@ -66,7 +66,7 @@ def _timed(fn, model, held):
     return (_params(m), _dev(m, model, held), time.perf_counter() - t)
 
 
-def run(name: str, images: int, size: int, ratio: float, seed: int = 0, bn_stats: bool = True) -> dict:
+def run(name: str, images: int, size: int, ratio: float, seed: int = 0, bn_stats: bool = False) -> dict:
     torch.manual_seed(seed)
     kw = {"image_size": size} if name.startswith("vit") else {}
     model = torchvision.models.get_model(name, weights=None, **kw).eval()
@@ -97,13 +97,15 @@ def main():
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--no-bn-stats", action="store_true", help="keep random init's BatchNorm statistics")
+    ap.add_argument("--bn-stats", action="store_true",
+                    help="re-estimate BatchNorm statistics on the calibration images first (random nets are then "
+                         "chaotic: 3%% weight noise on the first conv moves resnet50's output by 56%%)")
     args = ap.parse_args()
     print("| model | params | TP magnitude: params, dev, s | TP + ThiNetImportance | prune(coupled), scale "
           "| prune(coupled), full refit |")
     print("|---|---|---|---|---|---|")
     for name in args.models:
-        r = run(name, args.images, args.size, args.ratio, bn_stats=not args.no_bn_stats)
+        r = run(name, args.images, args.size, args.ratio, bn_stats=args.bn_stats)
         cells = [_cell(r[k]) for k in ("tp_magnitude", "tp_thinet_importance", "thinet_fast",
                                          "thinet_fast_full")]
         print(f"| {name} | {r['params'] / 1e6:.2f}M | " + " | ".join(cells) + " |", flush=True)

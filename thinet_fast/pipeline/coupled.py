@@ -1,10 +1,11 @@
 """Coupled groups (``coupled="prune"``): ThiNet selection on the sum of every reader's
 Gram over the group's channels, and every reader reconstructed from its own statistics.
 
-One statistics pass serves every group (they are decided on the model as the plain
-units left it). Each reader is refitted once, on the channels it keeps from every group
-it reads (a concat's reader keeps the union), its new weights written in the full input
-space; then Torch-Pruning cuts each group (producers, followers, readers) physically.
+The sequential schedule takes one group at a time, on statistics of the model as the
+earlier groups left it; the one-shot schedule decides every group from one pass and
+refits each reader once, on the channels it keeps from all the groups it reads (a
+concat's reader keeps the union). A reader's new weights are written in its full input
+space; then Torch-Pruning cuts the group (producers, followers, readers) physically.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-from ..groups import ChannelGroup, Reader, find_groups
+from ..groups import ChannelGroup, Reader, analyse, find_groups, input_shapes
 from ..ops.stats import Statistics
 from ..records import UnitRecord
 from ..units import Unit
@@ -147,12 +148,23 @@ class CoupledStage:
 def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, timer, *, skip=(),
                 ignored_layers=()) -> tuple[list[UnitRecord], list[tuple[str, str]]]:
     """Prune every coupled group of ``model`` in place. Returns the group records and
-    the refused roots ``(fqn, reason)``."""
+    the refused roots ``(fqn, reason)``.
+
+    ``cfg.schedule == "sequential"`` (the paper's): one group at a time, front to back,
+    each on statistics of the model as the earlier groups left it (one pass per group,
+    cut short after its last reader), its readers refitted on what they keep now.
+    ``"oneshot"``: one pass for every group; each reader refitted once on the channels
+    it keeps from all the groups it reads."""
     with timer.phase("groups"):
         groups, refused = find_groups(model, example, ignored_layers=ignored_layers, skip=skip)
         groups = [g for g in groups if _wanted(g, cfg, model)]
     if not groups:
         return [], refused
+    if cfg.schedule == "sequential":
+        shapes = input_shapes(model, example)
+        records = [_one_group(model, _fresh(g, shapes), data, cfg, device, spec, timer, f"[{i + 1}/{len(groups)}]")
+                   for i, g in enumerate(groups)]
+        return records, refused
     readers = {r.key: r for g in groups for r in g.readers}
     graph_of = {r.key: g.graph for g in groups for r in g.readers}
     with progress_bar(spec.num_images, "statistics (groups)", cfg.progress) as bar:
@@ -163,33 +175,73 @@ def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, t
     chosen = []
     for g in groups:
         t0 = time.perf_counter()
-        fraction = _fraction(g, cfg)
-        n_keep = n_keep_for(g.channels // g.blocks, fraction, f"keep for group `{g.name}`")
-        kept, gs, curve = _select(g, stats, n_keep, modules, cfg, device)
-        drop = torch.ones(g.channels, dtype=torch.bool)
-        drop[kept] = False
+        kept, gs, _ = _select(g, stats, _n_keep(g, cfg), modules, cfg, device)
+        drop = _dropped(g, kept)
         for ln in g.links:
             removed[ln.reader.key].update(ln.channels[drop[ln.positions]].tolist())
         chosen.append((g, kept, gs, time.perf_counter() - t0))
     errors, notes_of = {}, {}
     for key, reader in readers.items():
-        keep = torch.tensor(sorted(set(range(reader.channels)) - removed[key]), dtype=torch.long)
-        recon = "scale" if reader.groups > 1 and cfg.reconstruction == "full" else cfg.reconstruction
-        d = decide(reader_unit(chosen[0][0], reader), stats[key], keep.numel(), None, _dense(reader),
-                   method=cfg.method, reconstruction=recon, bias_compensation=cfg.bias_compensation,
-                   seed=cfg.seed, backend=cfg.backend, ridge=cfg.ridge, selection=(keep, None))
-        note = _write(reader, keep, d.consumer_weight, d.consumer_bias, graph_of[key])
-        energy = float(stats[key].gram.double().sum())
-        errors[key] = (d.error_selected, d.error_reconstructed, energy, d.reconstruction)
-        notes_of[key] = list(d.notes) + ([note] if note else []) + (
-            ["grouped conv: scale only (a full refit would mix its groups)"] if recon != cfg.reconstruction else [])
+        errors[key], notes_of[key] = _refit(chosen[0][0], reader, removed[key], stats[key], cfg, graph_of[key])
     records = []
     with timer.phase("rewrite"):
         for g, kept, gs, seconds in chosen:
-            drop = sorted(set(range(g.channels)) - set(kept.tolist()))
-            g.prune(drop)
+            g.prune(sorted(set(range(g.channels)) - set(kept.tolist())))
             records.append(_record(g, kept, gs, seconds, errors, notes_of, cfg))
     return records, refused
+
+
+def _fresh(g: ChannelGroup, shapes) -> ChannelGroup:
+    """``g`` analysed again on the model as it is now (earlier cuts renumber its readers'
+    input channels)."""
+    DG = g.graph
+    width = DG.get_pruner_of_module(g.root).get_out_channels(g.root)
+    fresh = analyse(DG.get_pruning_group(g.root, g.root_fn, list(range(width))), shapes)
+    fresh.graph = DG
+    return fresh
+
+
+def _one_group(model, g: ChannelGroup, data, cfg, device, spec, timer, tag: str) -> UnitRecord:
+    readers = {r.key: r for r in g.readers}
+    with progress_bar(spec.num_images, f"{tag} group {g.name}", cfg.progress) as bar:
+        stats = collect_accumulators(model, list(readers.values()), iter_batches(data, spec.num_images, device),
+                                     spec, bar=bar, timer=timer)
+    t0 = time.perf_counter()
+    kept, gs, _ = _select(g, stats, _n_keep(g, cfg), dict(model.named_modules()), cfg, device)
+    drop = _dropped(g, kept)
+    errors, notes_of = {}, {}
+    for ln in g.links:
+        key = ln.reader.key
+        errors[key], notes_of[key] = _refit(g, ln.reader, set(ln.channels[drop[ln.positions]].tolist()),
+                                            stats[key], cfg, g.graph)
+    seconds = time.perf_counter() - t0
+    with timer.phase("rewrite"):
+        g.prune(sorted(set(range(g.channels)) - set(kept.tolist())))
+    return _record(g, kept, gs, seconds, errors, notes_of, cfg)
+
+
+def _n_keep(g: ChannelGroup, cfg) -> int:
+    return n_keep_for(g.channels // g.blocks, _fraction(g, cfg), f"keep for group `{g.name}`")
+
+
+def _dropped(g: ChannelGroup, kept: torch.Tensor) -> torch.Tensor:
+    drop = torch.ones(g.channels, dtype=torch.bool)
+    drop[kept] = False
+    return drop
+
+
+def _refit(g: ChannelGroup, reader: Reader, removed: set, stats, cfg, DG):
+    """Reconstruct ``reader`` on the input channels it keeps; returns (errors, notes)."""
+    keep = torch.tensor(sorted(set(range(reader.channels)) - removed), dtype=torch.long)
+    recon = "scale" if reader.groups > 1 and cfg.reconstruction == "full" else cfg.reconstruction
+    d = decide(reader_unit(g, reader), stats, keep.numel(), None, _dense(reader),
+               method=cfg.method, reconstruction=recon, bias_compensation=cfg.bias_compensation,
+               seed=cfg.seed, backend=cfg.backend, ridge=cfg.ridge, selection=(keep, None))
+    note = _write(reader, keep, d.consumer_weight, d.consumer_bias, DG)
+    energy = float(stats.gram.double().sum())
+    notes = list(d.notes) + ([note] if note else []) + (
+        ["grouped conv: scale only (a full refit would mix its groups)"] if recon != cfg.reconstruction else [])
+    return (d.error_selected, d.error_reconstructed, energy, d.reconstruction), notes
 
 
 def _dense(reader: Reader) -> nn.Module:
