@@ -140,3 +140,27 @@ def test_shape_forwards_restore_tensor_attributes():
     assert count_flops(model, x) > 0
     assert model.cells[0].device.type == "cpu" and type(model.cells[0]) is torch.Tensor
     assert torch.isfinite(model(x))
+
+
+class Flat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(8 * 64, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc2(torch.relu(self.fc1(y.flatten(1))))
+
+
+def test_a_group_past_the_index_budget_is_refused_and_the_search_goes_on(monkeypatch):
+    import thinet_fast.groups as groups
+
+    model, x = Flat().eval(), _data(2)
+    found, _ = find_groups(model, x)
+    assert {g.name for g in found} == {"c1", "c2", "fc1"}
+    monkeypatch.setattr(groups, "MAX_MAPPED_INDICES", 8 * 64 - 1)  # c2's 8 channels map to 512 features
+    found, refused = find_groups(model, x)
+    print(refused)
+    assert {g.name for g in found} == {"c1", "fc1"}
+    assert "mapped more than 511 indices" in dict(refused)["c2"]

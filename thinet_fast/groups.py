@@ -38,6 +38,61 @@ class UnsupportedGroupError(ValueError):
     """A group's channels reach a layer whose statistics thinet_fast cannot express."""
 
 
+# Torch-Pruning maps a group's indices through every op it reaches; a reshape it cannot
+# model (window partitions, token shuffles) multiplies them each time round, and the
+# search then runs for hours. Past this many mapped indices for one group it is refused:
+# a count, not a clock, so every machine refuses the same groups. (A VGG-16 fc6 group
+# maps 512·49 indices a few times.)
+MAX_MAPPED_INDICES = 400_000
+
+
+class _Budget(Exception):
+    pass
+
+
+class _Counted:
+    """An index mapping that charges its output to the graph's budget."""
+
+    def __init__(self, fn, budget: list):
+        self.fn, self.budget = fn, budget
+
+    def __call__(self, idxs):
+        out = self.fn(idxs)
+        if self.budget[0] is not None:
+            self.budget[0] -= len(out)
+            if self.budget[0] < 0:
+                raise _Budget
+        return out
+
+    def __getattr__(self, name):  # Torch-Pruning may read the mapping's fields
+        return getattr(self.fn, name)
+
+
+class _CountedList(list):
+    """A dependency's index mappings: whatever Torch-Pruning stores is counted."""
+
+    def __init__(self, items, budget: list):
+        self.budget = budget
+        super().__init__(self._wrap(v) for v in items)
+
+    def _wrap(self, v):
+        return v if v is None or isinstance(v, _Counted) or not callable(v) else _Counted(v, self.budget)
+
+    def __setitem__(self, i, v):
+        super().__setitem__(i, self._wrap(v))
+
+
+def _count_mappings(DG) -> list:
+    """Make every index mapping of ``DG`` charge a shared budget; returns the budget
+    cell (``[None]``: unlimited)."""
+    budget = [None]
+    for node in DG.module2node.values():
+        for dep in node.dependencies:
+            if not isinstance(dep.index_mapping, _CountedList):
+                dep.index_mapping = _CountedList(dep.index_mapping, budget)
+    return budget
+
+
 def torch_pruning():
     try:
         import torch_pruning as tp
@@ -357,6 +412,7 @@ def _all_groups(DG, ignored_ids: set, refused: list):
     group holds. A root that Torch-Pruning cannot group (its index mapping fails) is
     refused with the reason, instead of ending the search."""
     seen: set[int] = set()
+    budget = _count_mappings(DG)
     for m in list(DG.module2node):
         if not isinstance(m, (nn.Conv2d, nn.Linear)) or isinstance(m, TokenExit) or id(m) in seen \
                 or id(m) in ignored_ids:
@@ -366,12 +422,21 @@ def _all_groups(DG, ignored_ids: set, refused: list):
         if not width:
             continue
         root = _name(DG, m)
+        budget[0] = MAX_MAPPED_INDICES
         try:
             group = DG.get_pruning_group(m, pruner.prune_out_channels, list(range(width)))
+        except _Budget:
+            refused.append((root, f"Torch-Pruning mapped more than {MAX_MAPPED_INDICES} indices for these channels "
+                                  "(a reshape it cannot model, e.g. a window partition); add the root to "
+                                  "ignored_layers to skip the search"))
+            seen.add(id(m))
+            continue
         except Exception as exc:
             refused.append((root, f"Torch-Pruning could not group these channels: {type(exc).__name__}: {exc}"[:300]))
             seen.add(id(m))
             continue
+        finally:
+            budget[0] = None
         for dep, _ in group:
             if DG.is_out_channel_pruning_fn(dep.handler):
                 seen.add(id(dep.target.module))
