@@ -164,3 +164,43 @@ def test_a_group_past_the_index_budget_is_refused_and_the_search_goes_on(monkeyp
     print(refused)
     assert {g.name for g in found} == {"c1", "fc1"}
     assert "mapped more than 511 indices" in dict(refused)["c2"]
+
+
+class Functional(nn.Module):
+    """``attn.weight`` is used through F.linear: the graph sees a bare parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 8)
+        self.attn = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h = h + self.fc2(h)
+        return nn.functional.linear(h, self.attn.weight, self.attn.bias)
+
+
+def test_a_layer_weight_used_functionally_refuses_its_group():
+    model, x = Functional().eval(), torch.randn(4, 6)
+    groups, refused = find_groups(model, x)
+    print(refused)
+    assert any(root in ("fc1", "fc2") and "`attn` (Linear) outside its module's forward" in why
+               for root, why in refused)
+    assert not {"fc1", "fc2"} & {g.name for g in groups}
+
+
+def test_a_cut_that_breaks_the_forward_is_an_error(monkeypatch):
+    import thinet_fast.pipeline.coupled as coupled
+
+    model, x = Untraceable().eval(), _data()
+    real, calls = coupled.output_widths, []
+
+    def widths(m, ex):
+        calls.append(1)
+        w = real(m, ex)
+        return w if len(calls) == 1 else [(-1,)]  # pretend the cut changed an output
+
+    monkeypatch.setattr(coupled, "output_widths", widths)
+    with pytest.raises(RuntimeError, match="changed the model's forward"):
+        tf.prune(model, x, keep=0.5, num_images=16, coupled="prune", progress=False)
+    assert model.body.c0.out_channels == 8  # the caller's model is whole

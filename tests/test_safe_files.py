@@ -158,10 +158,28 @@ def _crafted(tmp_path, **root_attrs):
               "keywords": {"__dict__": {}}}}, "refused"),
     ({"act": {"__ref__": "torch.serialization:load"}}, "reads or writes files"),
     ({"act": {"__ref__": "builtins:open"}}, "outside the model's own packages"),
+    # plain objects: only plain classes of the model's packages, no methods replaced
+    ({"coder": {"__object__": "subprocess:Popen", "state": {}}}, "outside the model's own packages"),
+    ({"coder": {"__object__": "torch:os.PathLike", "state": {}}}, "not a plain class defined in `torch`"),
+    ({"coder": {"__object__": "torch.nn:Linear", "state": {}}}, "not a plain class"),
+    ({"coder": {"__object__": "torchvision.models.detection._utils:BoxCoder",
+                "state": {"__dict__": {"encode": {"__ref__": "torch:relu"}}}}}, "refused"),
 ])
 def test_crafted_attributes_are_refused(tmp_path, attrs, match):
     with pytest.raises(ValueError, match=match):
         load(_crafted(tmp_path, **attrs))
+
+
+def test_plain_helper_objects_round_trip(tmp_path):
+    from torchvision.models.detection._utils import BoxCoder
+
+    m = nn.Sequential(nn.Linear(2, 2))
+    m.coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    save(m, tmp_path / "m.pt")
+    back = load(tmp_path / "m.pt")
+    assert type(back.coder) is BoxCoder and back.coder.weights == (10.0, 10.0, 5.0, 5.0)
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0]])
+    assert torch.equal(back.coder.encode_single(boxes, boxes), m.coder.encode_single(boxes, boxes))
 
 
 class _Act(nn.Module):

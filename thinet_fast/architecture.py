@@ -2,7 +2,8 @@
 
 :func:`describe` records, for every module of a model, its class (by import name), its
 instance attributes (plain values: numbers, strings, tuples, lists, dicts, tensors,
-dtypes; classes, functions and ``functools.partial`` by import name), its parameter and
+dtypes; classes, functions and ``functools.partial`` by import name; plain helper
+objects such as torchvision's ``BoxCoder`` as their class and attributes), its parameter and
 buffer names, and the children in order. Everything in it loads with
 ``torch.load(weights_only=True)``.
 
@@ -71,7 +72,17 @@ def _value(v, where: str):
             return {"__ref__": _name_of(v)}
         except DescriptionError as exc:
             raise DescriptionError(f"{where}: {exc}") from None
-    raise DescriptionError(f"{where} is a {type(v).__name__}, which has no plain description")
+    cls = type(v)
+    if cls.__new__ is object.__new__ and hasattr(v, "__dict__") and not isinstance(v, nn.Module) \
+            and getattr(cls, "__slots__", None) is None:
+        # a plain helper object (torchvision's BoxCoder, Matcher): its class by name and
+        # its attributes as plain data, the way a module is described
+        try:
+            name = _name_of(cls)
+        except DescriptionError:
+            raise DescriptionError(f"{where} is a {cls.__name__}, which has no plain description") from None
+        return {"__object__": name, "state": {k: _value(x, f"{where}.{k}") for k, x in vars(v).items()}}
+    raise DescriptionError(f"{where} is a {cls.__name__}, which has no plain description")
 
 
 def describe(model: nn.Module) -> dict:
@@ -160,6 +171,8 @@ def _restore(v, resolve: _Resolver, trusted_refs: set[str], where: str = "an att
                                      **_restore(v["keywords"], resolve, trusted_refs, where))
         if "__ref__" in v:
             return _reference(v["__ref__"], resolve, trusted_refs, where)
+        if "__object__" in v:
+            return _plain_object(v, resolve, trusted_refs, where)
         raise DescriptionError(f"unknown tagged value {sorted(v)}")
     if not isinstance(v, _PLAIN):
         raise DescriptionError(f"unexpected {type(v).__name__} in a description")
@@ -184,6 +197,24 @@ def _reference(name: str, resolve: _Resolver, trusted_refs: set[str], where: str
         raise DescriptionError(f"{where}: `{name}` is a class but not an nn.Module; refused")
     if qual.split(".")[-1] in _REFUSED_NAMES:
         raise DescriptionError(f"{where}: `{name}` reads or writes files; refused")
+    return obj
+
+
+def _plain_object(v: Mapping, resolve: _Resolver, trusted_refs: set[str], where: str):
+    """A helper object rebuilt like a module: ``cls.__new__`` and its saved attributes;
+    no constructor or ``__setstate__`` runs."""
+    name = v["__object__"]
+    mod, _, qual = name.partition(":")
+    if mod.split(".")[0] not in trusted_refs:
+        raise DescriptionError(f"{where}: the file names the class `{name}` outside the model's own packages; refused")
+    cls = resolve(name, "the object class")
+    if not isinstance(cls, type) or _module_class(cls) or cls.__new__ is not object.__new__ \
+            or cls.__module__ != mod or cls.__qualname__ != qual:
+        raise DescriptionError(f"{where}: `{name}` is not a plain class defined in `{mod}`; refused")
+    obj = cls.__new__(cls)
+    for k in v["state"]:
+        _check_attr(cls, k, where)
+    obj.__dict__.update({k: _restore(x, resolve, trusted_refs, f"{where}.{k}") for k, x in v["state"].items()})
     return obj
 
 

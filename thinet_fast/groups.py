@@ -206,6 +206,58 @@ def _name(DG, module) -> str:
     return name if name else f"<{type(module).__name__}>"
 
 
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+           nn.Embedding, nn.MultiheadAttention)
+
+
+def _owners(DG) -> dict:
+    """id(parameter) -> the module that holds it (cached on the graph)."""
+    owners = getattr(DG, "_thinet_owners", None)
+    if owners is None:
+        model = getattr(DG, "model", None)
+        owners = {} if model is None else {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+        DG._thinet_owners = owners
+    return owners
+
+
+_PRODUCTS = ("Addmm", "Mm", "Bmm", "Baddbmm", "Addbmm", "Mv", "Dot", "Convolution", "Linear", "Matmul", "Einsum")
+_VIEWS = ("TBackward", "PermuteBackward", "TransposeBackward", "ViewBackward", "UnsafeViewBackward",
+          "ExpandBackward", "ReshapeAliasBackward")
+
+
+def _leaves(grad_fn, depth: int = 3) -> list:
+    """The parameters a product reads, through transposes and views."""
+    out = []
+    for nxt, _ in getattr(grad_fn, "next_functions", ()):
+        if nxt is None:
+            continue
+        if hasattr(nxt, "variable"):
+            out.append(nxt.variable)
+        elif depth and type(nxt).__name__.startswith(_VIEWS):
+            out += _leaves(nxt, depth - 1)
+    return out
+
+
+def _mixing(node, DG) -> str | None:
+    """Why a traced op that mixes channels (a matrix product, a convolution) outside
+    every module the graph knows breaks the group, or None. A Linear on tokens runs its
+    own product inside: that one reads the weight of a module the graph holds."""
+    kind = type(getattr(node, "grad_fn", None)).__name__
+    if not kind.startswith(_PRODUCTS):
+        return None
+    owners = _owners(DG)
+    held = [owners.get(id(p)) for p in _leaves(node.grad_fn)]
+    if any(m in DG.module2node for m in held if m is not None):
+        return None
+    named = [m for m in held if m is not None]
+    if named:
+        return (f"these channels reach {kind[:-len('Backward0')] or kind} on the weight of "
+                f"`{_name(DG, named[0])}` ({type(named[0]).__name__}) outside its module's forward (a functional "
+                "call such as F.linear), which the graph cannot cut")
+    return (f"these channels reach a product of activations ({kind}, e.g. attention's q·kᵀ) that mixes them; "
+            "they are kept")
+
+
 def _root_idxs(item) -> list:
     root = getattr(item, "root_idxs", None)
     return list(item.idxs) if root is None else list(root)
@@ -280,9 +332,20 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
                 "these channels are an output of " + (f"`{where}`, and code outside the traced graph reads them"
                                                       if where else "the model") + "; they are kept")
         if isinstance(module, nn.Parameter):
-            followers.append(DG._param_to_name.get(module, name) if hasattr(DG, "_param_to_name") else name)
+            pname = DG._param_to_name.get(module, name) if hasattr(DG, "_param_to_name") else name
+            owner = _owners(DG).get(id(module))
+            if isinstance(owner, _LAYERS):
+                # a layer's own weight reached as a bare parameter: the model calls it
+                # functionally (F.linear(x, self.qkv.weight)), which the graph cannot cut
+                raise UnsupportedGroupError(
+                    f"`{pname}` ({type(owner).__name__} weight) is used outside its module's forward (a functional "
+                    "call such as F.linear), so its channels cannot be cut with the group's")
+            followers.append(pname)
             continue  # a per-channel parameter (layer scale, class token): it loses the same channels
         if type(module).__module__.startswith("torch_pruning"):
+            why = _mixing(dep.target, DG) if type(module).__name__ != "_OutputOp" else None
+            if why:
+                raise UnsupportedGroupError(why)
             continue  # traced functional ops (add, cat, split, flatten, pooling, activations)
         is_in, is_out = DG.is_in_channel_pruning_fn(handler), DG.is_out_channel_pruning_fn(handler)
         if _is_depthwise(module):

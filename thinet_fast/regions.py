@@ -146,6 +146,10 @@ def find_regions(model: nn.Module, example_inputs) -> list[Scope]:
     return [Scope(name, m, *calls[id(m)]) for name, m in candidates if id(m) in calls]
 
 
-def output_widths(outputs: list[torch.Tensor]) -> list[tuple[int, ...]]:
-    """The shape of each output past the batch dim (what pruning must not change)."""
-    return [tuple(t.shape[1:]) for t in outputs if _marked(t)]
+@torch.no_grad()
+def output_widths(model: nn.Module, example_inputs) -> list[tuple[int, ...]]:
+    """The shape past the batch dim of each floating-point output of one forward: what
+    pruning must not change."""
+    with preserved_modes(model, train=False):
+        out = model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
+    return [tuple(t.shape[1:]) for t in _tensors(out) if _marked(t)]

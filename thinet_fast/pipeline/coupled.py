@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..groups import ChannelGroup, Reader, analyse, find_groups, input_shapes
+from ..regions import output_widths
 from ..ops.stats import Statistics
 from ..records import UnitRecord
 from ..units import Unit
@@ -160,10 +161,14 @@ def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, t
         groups = [g for g in groups if _wanted(g, cfg, model)]
     if not groups:
         return [], refused
+    widths = output_widths(model, example)
     if cfg.schedule == "sequential":
         shapes = input_shapes(model, example)
-        records = [_one_group(model, _fresh(g, shapes), data, cfg, device, spec, timer, f"[{i + 1}/{len(groups)}]")
-                   for i, g in enumerate(groups)]
+        records = []
+        for i, g in enumerate(groups):
+            records.append(_one_group(model, _fresh(g, shapes), data, cfg, device, spec, timer,
+                                      f"[{i + 1}/{len(groups)}]"))
+            _check_forward(model, example, widths, [g.name])
         return records, refused
     readers = {r.key: r for g in groups for r in g.readers}
     graph_of = {r.key: g.graph for g in groups for r in g.readers}
@@ -188,7 +193,21 @@ def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, t
         for g, kept, gs, seconds in chosen:
             g.prune(sorted(set(range(g.channels)) - set(kept.tolist())))
             records.append(_record(g, kept, gs, seconds, errors, notes_of, cfg))
+    _check_forward(model, example, widths, [g.name for g in groups])
     return records, refused
+
+
+def _check_forward(model, example, widths, names) -> None:
+    """Never hand back a model that a cut broke: it must still run, with outputs as wide."""
+    try:
+        now = output_widths(model, example)
+    except Exception as exc:
+        now = f"{type(exc).__name__}: {exc}"[:300]
+    if now != widths:
+        raise RuntimeError(f"cutting the coupled group(s) {', '.join(names)} changed the model's forward ({now}; "
+                           f"output widths were {widths}): the graph missed a layer that reads these channels. "
+                           "Add the group's root to ignored_layers (the caller's model is unchanged), and please "
+                           "report the model")
 
 
 def _fresh(g: ChannelGroup, shapes) -> ChannelGroup:
