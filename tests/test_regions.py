@@ -204,3 +204,32 @@ def test_a_cut_that_breaks_the_forward_is_an_error(monkeypatch):
     with pytest.raises(RuntimeError, match="changed the model's forward"):
         tf.prune(model, x, keep=0.5, num_images=16, coupled="prune", progress=False)
     assert model.body.c0.out_channels == 8  # the caller's model is whole
+
+
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.m = Flat()
+
+    def forward(self, x):
+        if x.sum() < -1e30:  # fx cannot trace the root
+            return x
+        return self.m(x)
+
+
+def test_a_region_prunes_as_the_plain_units_would():
+    """The same chain (convs, flatten, Linear with 64 taps per channel) through the fx
+    units and through a Torch-Pruning region gives the same model."""
+    x = _data(24)
+    torch.manual_seed(0)
+    plain = Flat().eval()
+    wrapped = Wrapped().eval()
+    wrapped.m.load_state_dict(plain.state_dict())
+    opts = dict(keep=0.5, num_images=24, statistics="full", samples_per_image=None, holdout=0, progress=False,
+                stats_dtype=torch.float64)
+    a = tf.prune(plain, x, **opts).model
+    b = tf.prune(wrapped, x, coupled="prune", **opts).model.m
+    assert b.fc1.in_features == 4 * 64 and b.c2.out_channels == 4
+    for (k, u), (_, v) in zip(a.state_dict().items(), b.state_dict().items()):
+        print(k, float((u - v).abs().max()))
+        assert u.shape == v.shape and torch.allclose(u, v, atol=1e-5, rtol=1e-4), k

@@ -30,8 +30,9 @@ def _names():
 
 
 def _build(name):
-    kw = {"image_size": 64} if name.startswith("vit_") else {}
     size = 96 if name == "inception_v3" else 224 if name.startswith(("swin", "maxvit")) else 64
+    size = 56 if name == "vit_h_14" else size  # its patches are 14 wide
+    kw = {"image_size": size} if name.startswith("vit_") else {}
     if name in torchvision.models.list_models(module=torchvision.models.segmentation):
         kw = dict(weights_backbone=None, num_classes=5)
     if name in torchvision.models.list_models(module=torchvision.models.detection):

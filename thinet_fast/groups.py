@@ -467,6 +467,8 @@ def find_groups(model: nn.Module, example_inputs, *, ignored_layers: Iterable[nn
                 refused.append((root, f"{cg.channels} channel(s); nothing to prune"))
                 continue
             found.append(cg)
+    order = {n: i for i, n in enumerate(names.values())}  # definition order: front to back, as a rule
+    found.sort(key=lambda g: order.get(g.name, len(order)))
     return found, refused
 
 

@@ -100,7 +100,8 @@ def _write(reader: Reader, keep: torch.Tensor, new_w: torch.Tensor, new_b, DG) -
     m, note = reader.module, ""
     with torch.no_grad():
         w = m.weight
-        new_w = new_w.to(w).reshape((w.shape[0], keep.numel()) + tuple(w.shape[2:]))
+        new_w = new_w.to(w).reshape((w.shape[0], keep.numel()) + tuple(w.shape[2:]) if reader.kind == "conv"
+                                    else (w.shape[0], -1))
         if reader.kind == "conv" and reader.groups > 1:
             K, n, g = w.shape[0], reader.channels // reader.groups, reader.groups
             rows = K // g
