@@ -233,3 +233,29 @@ def test_a_region_prunes_as_the_plain_units_would():
     for (k, u), (_, v) in zip(a.state_dict().items(), b.state_dict().items()):
         print(k, float((u - v).abs().max()))
         assert u.shape == v.shape and torch.allclose(u, v, atol=1e-5, rtol=1e-4), k
+
+
+class DepthwiseHead(nn.Module):
+    """The head's depthwise conv reads a map the stem makes outside the head's region."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(8, 6, 1),
+                                  nn.ReLU(), nn.Conv2d(6, 4, 1))
+
+    def forward(self, x):
+        f = self.stem(x)
+        if f.sum() < -1e30:  # fx cannot trace the root
+            return f
+        return self.head(torch.relu(f)).mean((2, 3))
+
+
+def test_channels_entering_a_region_are_kept():
+    model, x = DepthwiseHead().eval(), _data()
+    groups, refused = find_groups(model, x[:2])
+    print(groups, refused)
+    assert "come into `head` from outside" in dict(refused)["head.0"]
+    res = tf.prune(model, x, keep=0.5, num_images=16, coupled="prune", progress=False)
+    assert (res.model.head[0].out_channels, res.model.head[2].out_channels) == (8, 3)
+    assert torch.isfinite(res.model(x)).all()

@@ -19,14 +19,23 @@ SMOKE = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "regne
          "squeezenet1_0", "efficientnet_b0", "resnext50_32x4d", "convnext_tiny", "lraspp_mobilenet_v3_large",
          "fasterrcnn_mobilenet_v3_large_320_fpn"]
 ATTENTION = ("vit_", "swin_", "maxvit_")
+# over 100M parameters or over 90 s each on a 2-core CPU: THINET_FAST_ZOO=all only
+HEAVY = {"convnext_large", "efficientnet_v2_l", "maxvit_t", "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf",
+         "regnet_x_32gf", "vit_h_14", "vit_l_16", "vit_l_32", "wide_resnet101_2", "keypointrcnn_resnet50_fpn",
+         "maskrcnn_resnet50_fpn_v2"}
 
 
 def _names():
-    if os.environ.get("THINET_FAST_ZOO") != "all":
+    """THINET_FAST_ZOO unset: the smoke set (the suite); "ci": every model but HEAVY
+    (.ci/run's bounded zoo step); "all": every classification, segmentation and
+    detection model."""
+    mode = os.environ.get("THINET_FAST_ZOO", "")
+    if mode not in ("all", "ci"):
         return SMOKE
-    return (torchvision.models.list_models(module=torchvision.models)
-            + torchvision.models.list_models(module=torchvision.models.segmentation)
-            + torchvision.models.list_models(module=torchvision.models.detection))
+    every = (torchvision.models.list_models(module=torchvision.models)
+             + torchvision.models.list_models(module=torchvision.models.segmentation)
+             + torchvision.models.list_models(module=torchvision.models.detection))
+    return every if mode == "all" else [n for n in every if n not in HEAVY]
 
 
 def _build(name):

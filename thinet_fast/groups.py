@@ -22,7 +22,7 @@ from torch import nn
 
 from .modes import preserved_modes
 from .ops.patches import ConsumerGeometry, UnsupportedConsumer
-from .regions import Exit, TokenExit, find_regions
+from .regions import Entry, Exit, TokenExit, find_regions
 
 __all__ = ["ChannelGroup", "Reader", "Link", "UnsupportedGroupError", "dependency_graph", "find_groups",
            "analyse", "input_shapes", "MAX_FEATURE_GRAM"]
@@ -326,6 +326,10 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
         dep, idxs = item[0], item[1]
         module, handler = dep.target.module, dep.handler
         name = _name(DG, module) if not isinstance(module, nn.Parameter) else "<parameter>"
+        if isinstance(module, Entry):
+            where = getattr(DG, "_thinet_region", "")
+            raise UnsupportedGroupError(f"these channels come into `{where or 'the model'}` from outside it (a "
+                                        "channel-wise layer reads an input); they are kept")
         if isinstance(module, (Exit, TokenExit)):
             where = getattr(DG, "_thinet_region", "")
             raise UnsupportedGroupError(

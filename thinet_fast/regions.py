@@ -8,7 +8,9 @@ never walks it: that is where its autograd tracing explodes or mis-maps channels
 
 Each region is traced inside :class:`Region`, which puts an *exit* on every tensor the
 region returns. A group that reaches an exit feeds code outside the region (or the
-model's output), so its channels are kept: they are refused with that reason. This
+model's output), so its channels are kept: they are refused with that reason. An
+*entry* on every input tensor does the same for channels that come into the region
+through a channel-wise path (a depthwise conv on a feature map made outside). This
 module knows modules; it runs one forward to capture each region's inputs.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from .modes import preserved_modes
 from .tracing import UntraceableModelError, trace
 
-__all__ = ["Region", "Exit", "TokenExit", "find_regions", "output_widths"]
+__all__ = ["Region", "Entry", "Exit", "TokenExit", "find_regions", "output_widths"]
 
 
 class Exit(nn.PReLU):
@@ -31,6 +33,23 @@ class Exit(nn.PReLU):
 
 class TokenExit(nn.Linear):
     """Marks the last dim of a 3-D region output (tokens): it leaves the region."""
+
+
+class Entry(nn.PReLU):
+    """Marks the channels (dim 1) of a region's input: a channel-wise path (a depthwise
+    conv) would otherwise cut what a producer outside the region writes."""
+
+
+def _mapped(x: Any, fn) -> Any:
+    """``x`` with every tensor replaced by ``fn(t)``, in :func:`_tensors` order."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return type(x)((k, _mapped(v, fn)) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        items = [_mapped(v, fn) for v in x]
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+    return x
 
 
 def _tensors(out: Any) -> Iterator[torch.Tensor]:
@@ -51,9 +70,10 @@ def _marked(t: torch.Tensor) -> bool:
 class Region(nn.Module):
     """``body`` with an exit on each floating-point output of the traced call."""
 
-    def __init__(self, body: nn.Module, outputs: list[torch.Tensor]):
+    def __init__(self, body: nn.Module, outputs: list[torch.Tensor], inputs: list[torch.Tensor] = ()):
         super().__init__()
         self.body = body
+        self.entries = nn.ModuleList(Entry(t.shape[1]) for t in inputs if _marked(t))
         self.exits = nn.ModuleList()
         for t in outputs:
             if _marked(t):
@@ -62,6 +82,9 @@ class Region(nn.Module):
                     self.exits.append(TokenExit(t.shape[-1], 1, bias=False))
 
     def forward(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        entries = iter(self.entries)
+        enter = lambda t: next(entries)(t) if _marked(t) else t  # noqa: E731
+        args, kwargs = _mapped(args, enter), _mapped(kwargs, enter)
         exits, marked = iter(self.exits), []
         for t in _tensors(self.body(*args, **kwargs)):
             if _marked(t):
@@ -82,7 +105,7 @@ class Scope:
     outputs: list[torch.Tensor]
 
     def wrapped(self) -> Region:
-        return Region(self.module, self.outputs)
+        return Region(self.module, self.outputs, list(_tensors((self.args, self.kwargs))))
 
 
 def _traceable(module: nn.Module) -> bool:
