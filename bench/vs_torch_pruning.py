@@ -37,8 +37,13 @@ def _dev(model, ref, x):
 def _tp(model, x, importance, ratio):
     m = copy.deepcopy(model)
     head = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1:]
-    pruner = tp.pruner.BasePruner(m, x[:1], importance=importance, pruning_ratio=ratio, ignored_layers=head)
+    heads = getattr(getattr(m, "encoder", None), "layers", None)
+    round_to = heads[0].num_heads if heads is not None and hasattr(heads[0], "num_heads") else None
+    pruner = tp.pruner.BasePruner(m, x[:1], importance=importance, pruning_ratio=ratio, ignored_layers=head,
+                                  round_to=round_to)
     pruner.step()
+    if hasattr(m, "hidden_dim") and hasattr(m, "conv_proj"):  # torchvision's ViT reads it in forward
+        m.hidden_dim = m.conv_proj.out_channels
     return m
 
 
@@ -61,9 +66,10 @@ def _timed(fn, model, held):
     t = time.perf_counter()
     try:
         m = fn()
+        seconds = time.perf_counter() - t
+        return (_params(m), _dev(m, model, held), seconds)
     except Exception as exc:  # one method failing must not hide the others
         return (None, f"{type(exc).__name__}: {exc}"[:120], time.perf_counter() - t)
-    return (_params(m), _dev(m, model, held), time.perf_counter() - t)
 
 
 def run(name: str, images: int, size: int, ratio: float, seed: int = 0, bn_stats: bool = False) -> dict:
@@ -73,6 +79,9 @@ def run(name: str, images: int, size: int, ratio: float, seed: int = 0, bn_stats
     g = torch.Generator().manual_seed(seed)
     calib = torch.randn(images, 3, size, size, generator=g)
     held = torch.randn(16, 3, size, size, generator=g)
+    for m in model.modules():  # torchvision's ViT zeroes its head: every output would equal the bias
+        if isinstance(m, torch.nn.Linear) and not bool(m.weight.any()):
+            m.reset_parameters()
     if bn_stats:
         _bn_stats(model, calib)
     rows = {"model": name, "params": _params(model)}

@@ -4,7 +4,9 @@ A *group* is every producer that writes a set of channels (the convs feeding a r
 add, the branches of a concat, an SE gate's expanding conv), every *reader* that takes
 them in (``Conv2d``, also grouped, and ``Linear``, on flattened maps or on tokens), and
 the modules in between that lose the same channels (BatchNorm, depthwise convs,
-LayerNorm, per-channel parameters, Torch-Pruning's traced add/cat/split ops).
+per-channel parameters, Torch-Pruning's traced add/cat/split ops). Channels that a
+LayerNorm or GroupNorm normalises together are kept: cutting some would renormalise the
+rest in every sample.
 
 The graph comes from Torch-Pruning (autograd tracing: it follows any model that runs,
 also those torch.fx cannot trace, e.g. detection models). This module only reads a
@@ -307,8 +309,8 @@ def _identity(item, n: int) -> bool:
 def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> ChannelGroup:
     """How thinet_fast sees a Torch-Pruning group (``shapes``: :func:`input_shapes`).
 
-    ``strict``: refuse grouped-conv readers and LayerNorm/GroupNorm (the Torch-Pruning
-    importance, which ranks channels but does not reconstruct). Raises
+    ``strict``: refuse grouped-conv readers too (the Torch-Pruning importance, which
+    ranks channels but does not reconstruct). Raises
     :class:`UnsupportedGroupError` naming the member it cannot express."""
     DG = getattr(group, "_DG", None)
     if DG is None:
@@ -398,13 +400,11 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
         elif isinstance(module, _CHANNELWISE):
             followers.append(name)
         elif isinstance(module, _ACROSS):
-            if strict:
-                raise UnsupportedGroupError(f"`{name}` ({type(module).__name__}) normalises across these channels")
-            if isinstance(module, nn.GroupNorm):
-                blocks = math.lcm(blocks, module.num_groups)
-            followers.append(name)
-            notes.append(f"`{name}` ({type(module).__name__}) normalises across the channels: it renormalises "
-                         "over the kept ones")
+            # cutting some channels renormalises the others per sample: the readers'
+            # statistics, taken before the cut, no longer describe what they will see
+            raise UnsupportedGroupError(
+                f"`{name}` ({type(module).__name__}) normalises across these channels, so cutting some changes "
+                "the others in every sample; they are kept")
         elif isinstance(module, nn.MultiheadAttention):
             raise UnsupportedGroupError(f"`{name}` (MultiheadAttention) is coupled to these channels; attention "
                                         "heads are not pruned")
