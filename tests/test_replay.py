@@ -244,3 +244,31 @@ def test_replay_copies_states_that_in_place_ops_change():
     print([u["replay"] for u in b.report.units])
     assert sum("replayed from" in u["replay"] for u in b.report.units) >= 1
     assert _max_rel(a.model, b.model) < 1e-5
+
+
+class StaticBias(nn.Module):
+    """Swin v2's shape: a small MLP on a buffer (no image changes its input) next to the
+    image path, whose width it shares."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(5, 2, generator=torch.Generator().manual_seed(3)))
+        self.pre = nn.Linear(6, 8)
+        self.b1, self.b2 = nn.Linear(2, 8), nn.Linear(8, 8)
+        self.f1, self.f2 = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.pre(x))                                   # (N, 8): as wide as b1's output
+        bias = self.b2(torch.relu(self.b1(self.table))).mean(0)       # static: no image changes it
+        return self.f2(torch.relu(self.f1(h + bias)))
+
+
+def test_replay_leaves_a_static_consumer_input_alone():
+    model = StaticBias().eval()
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    opts = dict(keep=0.5, num_images=32, statistics="full", samples_per_image=None, holdout=0, progress=False)
+    a = tf.prune(model, x, replay_memory=0, **opts)
+    b = tf.prune(model, x, **opts)
+    assert "b1" in [u.producer for u in b.report.units]
+    for (k, u), (_, v) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert u.shape == v.shape and torch.allclose(u, v, atol=1e-6), k

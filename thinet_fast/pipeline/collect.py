@@ -258,7 +258,7 @@ def unit_sink(unit: Unit, acc: StatsAccumulator) -> Sink:
 
 def collect_units(model: nn.Module, units: list[Unit], batches: Iterable[torch.Tensor], spec: StatsSpec, *,
                   first_index: int = 0, forward=None, stop_early: bool = True, bar=None,
-                  timer=None) -> dict[str, Statistics]:
+                  timer=None, extra: Mapping[str, Sink] | None = None) -> dict[str, Statistics]:
     """Statistics of ``units`` from already prepared ``batches`` (images, or cached
     activations with a matching ``forward``); the pipeline's entry point. With a
     :class:`~thinet_fast.pipeline.timing.Timings`, the hooks' time counts as
@@ -268,7 +268,7 @@ def collect_units(model: nn.Module, units: list[Unit], batches: Iterable[torch.T
     accs = unit_accumulators(model, units, spec, first_index)
     watched = [(u.producer, get_module(model, u.consumer), u.consumer, accs[u.producer], unit_sink(u, accs[u.producer]))
                for u in units]
-    stats = _collect(model, watched, batches, forward, stop_early, bar, timer)
+    stats = _collect(model, watched, batches, forward, stop_early, bar, timer, extra)
     for u in units:
         _finite(stats[u.producer], u.consumer)
     return stats
@@ -289,13 +289,15 @@ def collect_accumulators(model: nn.Module, readers, batches: Iterable[torch.Tens
     return stats
 
 
-def _collect(model, watched, batches, forward, stop_early, bar, timer) -> dict:
+def _collect(model, watched, batches, forward, stop_early, bar, timer, extra=None) -> dict:
     """One pass feeding ``watched`` = [(key, module, name, accumulator, sink)]."""
     sinks: dict[nn.Module, list[Sink]] = {}
     names = {}
     for _, m, name, _, sink in watched:
         sinks.setdefault(m, []).append(sink if timer is None else timer.timed("statistics", sink))
         names[m] = name
+    for name, sink in (extra or {}).items():
+        sinks.setdefault(get_module(model, name), []).append(sink if timer is None else timer.timed("statistics", sink))
     accs = [acc for _, _, _, acc, _ in watched]
     if timer is None:
         feed(model, sinks, batches, forward=forward, stop_early=stop_early, bar=bar, names=names)

@@ -16,6 +16,7 @@ METHODS = method_names()  # the built-in methods; register_method() adds more
 RECONSTRUCTIONS = ("scale", "full", "none")
 SCHEDULES = ("sequential", "oneshot")
 COUPLED = ("refuse", "prune")
+TARGETS = ("current", "unpruned")
 BACKENDS = ("auto",) + BACKEND_NAMES
 
 
@@ -37,6 +38,10 @@ class PruneConfig:
         reconstruction: "scale" (paper), "full" (least-squares refit of the consumer)
             or "none".
         bias_compensation: shift the consumer's bias so E[y] is kept.
+        target: what the reconstruction fits, sequential schedule: "current" (the
+            consumer's output on the partly pruned model, the paper's) or "unpruned"
+            (the unpruned model's output on the same images: upstream errors are
+            corrected; one extra forward of the unpruned model per unit, no replay).
         bn_recalibration: re-estimate BatchNorm statistics after pruning.
         schedule: "sequential" (paper; resumable) or "oneshot".
         num_images: calibration images to use (paper: 10 per class).
@@ -105,6 +110,7 @@ class PruneConfig:
     coupled: str = "refuse"
     leaf_modules: tuple = ()
     ignored_layers: tuple = ()
+    target: str = "current"
 
     def __post_init__(self):
         def _one_of(name, value, allowed):
@@ -119,6 +125,7 @@ class PruneConfig:
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("backend", self.backend, BACKENDS)
         _one_of("coupled", self.coupled, COUPLED)
+        _one_of("target", self.target, TARGETS)
         for name in ("leaf_modules", "ignored_layers"):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
@@ -190,7 +197,7 @@ class PruneConfig:
         """The options that decide the result (a resumed run must match them)."""
         keys = ("keep", "method", "statistics", "reconstruction", "bias_compensation", "schedule",
                 "num_images", "samples_per_image", "seed", "units", "preset", "ridge", "flops_target", "min_keep", "holdout",
-                "coupled", "ignored_layers")
+                "coupled", "ignored_layers", "target")
         out = {k: getattr(self, k) for k in keys}
         out["keep"] = dict(self.keep) if isinstance(self.keep, Mapping) else self.keep
         out["stats_dtype"] = str(self.stats_dtype)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops import reconstruct
+from ..ops import cross, reconstruct
 from ..ops.stats import Statistics
 from ..records import UnitRecord
 from ..units import Unit
@@ -58,8 +58,10 @@ def select(method: str, stats: Statistics, n_keep: int, producer: nn.Module, *, 
 
 def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, consumer: nn.Module, *,
            method: str, reconstruction: str, bias_compensation: bool, seed: int = 0,
-           backend: str = "auto", ridge: float = 1e-8, selection=None) -> Decision:
-    """Select (unless ``selection`` = (keep, curve) is given) and reconstruct."""
+           backend: str = "auto", ridge: float = 1e-8, selection=None, towards=None) -> Decision:
+    """Select (unless ``selection`` = (keep, curve) is given) and reconstruct; with
+    ``towards`` (:class:`~thinet_fast.pipeline.target.Towards`) the reconstruction fits
+    the unpruned model's output instead of the current one."""
     t0 = time.perf_counter()
     chosen = selection_resolution(method, backend, stats.gram.device)  # once per unit
     if selection is None:
@@ -78,11 +80,21 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
     held = _fold(stats)
     # on the held-out fold when there is one, like error_reconstructed
     err_sel = float(reconstruct.scale_error(held.gram if held is not None else stats.gram, keep))
-    Wn, err_rec, recon, used_ridge, n_held = _reconstruct(unit, stats, held, W, keep_dev, recon, bias_compensation, ridge,
-                                                  err_sel, notes)
     bias = consumer.bias.detach() if consumer.bias is not None else None
-    if bias_compensation:
-        bias = reconstruct.bias_compensation(W, Wn, keep, stats.mean.to(W.device), bias)
+    if towards is not None and recon != "none":
+        Wn, err_rec = _fit_towards(W, keep_dev, recon, towards, ridge)
+        used_ridge, n_held = ridge, 0
+        notes.append(f"target unpruned: fitted towards the unpruned model's output ({towards.count} samples)")
+        if bias_compensation:  # E[W z] = E[W'_S z'_S] + Δb
+            W64 = W.double().reshape(W.shape[0], -1)
+            shift = W64 @ towards.mean_ref.reshape(-1).to(W64) \
+                - Wn.reshape(W.shape[0], -1) @ towards.mean_cur[keep.cpu()].reshape(-1).to(W64)
+            bias = (bias.double() if bias is not None else torch.zeros_like(shift)) + shift.to(W.device)
+    else:
+        Wn, err_rec, recon, used_ridge, n_held = _reconstruct(unit, stats, held, W, keep_dev, recon,
+                                                              bias_compensation, ridge, err_sel, notes)
+        if bias_compensation:
+            bias = reconstruct.bias_compensation(W, Wn, keep, stats.mean.to(W.device), bias)
     if not torch.isfinite(Wn).all() or (bias is not None and not torch.isfinite(bias).all()):
         raise FloatingPointError(f"reconstruction of {unit.consumer!r} produced non-finite weights; "
                                  "check the calibration data (NaN activations?)")
@@ -93,6 +105,23 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
     return Decision(unit, keep.cpu(), new_w, new_b, method, stats.statistics, recon, err_sel, err_rec,
                     curve.cpu() if curve is not None else None, time.perf_counter() - t0, notes,
                     chosen.backend, stats.backend, n_held, used_ridge)
+
+
+def _fit_towards(W: torch.Tensor, keep: torch.Tensor, recon: str, tw, ridge: float):
+    """(new weight (K, |S|, t) float64, relative error against the unpruned output)."""
+    K, C, t = W.shape
+    P, Q, Pr = (m.to(W.device) for m in (tw.P_cur, tw.Q, tw.P_ref))
+    if recon == "full":
+        Wn = cross.refit_towards(W, P, Q, keep, ridge=ridge)
+        taps = (keep[:, None] * t + torch.arange(t, device=W.device)).reshape(-1)
+        A, B = Wn.reshape(K, -1), W.double().reshape(K, -1)
+        yy = torch.einsum("kd,de,ke->", B, Pr.double(), B)
+        err = torch.einsum("kd,de,ke->", A, P.double()[taps][:, taps], A) \
+            - 2 * torch.einsum("kd,de,ke->", A, Q.double()[taps], B) + yy
+        return Wn, float((err / yy.clamp_min(torch.finfo(torch.float64).tiny)).clamp_min(0))
+    G, H, Gr = cross.channel_gram(W, P), cross.channel_gram(W, Q), cross.channel_gram(W, Pr)
+    w = cross.scale_towards(G, H, keep, ridge=ridge)
+    return W[:, keep].double() * w.to(W.device)[None, :, None], float(cross.towards_error(G, H, Gr, keep, w))
 
 
 def _fold(stats: Statistics):

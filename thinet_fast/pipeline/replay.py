@@ -95,7 +95,9 @@ class Replay:
         nxt, self._next = self._next, None
         if nxt is None:
             return
-        if nxt.pos == self.seg.input_of(unit.consumer):
+        # a consumer input that no image changes (swin v2's position-bias MLP reads a
+        # buffer) is not in the state: it is recomputed from the live model each run
+        if nxt.pos == self.seg.input_of(unit.consumer) and self.seg.dynamic[nxt.pos]:
             keep = keep.to(torch.long)
             for i, v in enumerate(nxt.values):
                 # the consumer's input is the state's last value (the latest node in it)

@@ -1,6 +1,7 @@
 """Sequential (paper, resumable) and one-shot schedules."""
 from __future__ import annotations
 
+import copy
 import time
 
 from torch import nn
@@ -10,19 +11,21 @@ from ..records import UnitRecord
 from ..rewrite import prune_unit_
 from ..units import Unit, get_module
 from . import checkpoint
-from .collect import Keyed, StatsSpec, collect_units, iter_batches, progress_bar
+from .collect import Keyed, StatsSpec, collect_units, consumer_geometry, iter_batches, progress_bar
 from .config import PruneConfig
 from .decide import Decision, decide
 from .methods import SelectContext, get_method, selection_backend
 from .replay import Replay
+from .target import CrossSink, fits_cross, paired_forward
 from .timing import Timings
 
 
-def _decide(model, unit, stats, n_keep, cfg: PruneConfig, timer: Timings, selection=None) -> Decision:
+def _decide(model, unit, stats, n_keep, cfg: PruneConfig, timer: Timings, selection=None,
+            towards=None) -> Decision:
     t0 = time.perf_counter()
     d = decide(unit, stats, n_keep, get_module(model, unit.producer), get_module(model, unit.consumer),
                method=cfg.method, reconstruction=cfg.reconstruction, bias_compensation=cfg.bias_compensation,
-               seed=cfg.seed, backend=cfg.backend, ridge=cfg.ridge, selection=selection)
+               seed=cfg.seed, backend=cfg.backend, ridge=cfg.ridge, selection=selection, towards=towards)
     timer.sync()
     total = time.perf_counter() - t0
     select_s = min(getattr(d, "select_seconds", 0.0), total)
@@ -55,6 +58,8 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
     records: list = []
     done: set[str] = set()
     digest, data_seen, coupled_done = None, None, None
+    # the unpruned model, before any cut (and before a checkpoint replaces the tree)
+    reference = copy.deepcopy(model).eval() if cfg.target == "unpruned" and units else None
     if cfg.resume:
         if example is None:
             example = next(iter(iter_batches(data, 1, device)))
@@ -68,7 +73,8 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
             # the whole checkpointed model: a per-unit fine-tune may have changed any layer
             transplant(model, loaded)
     replay = Replay(model, data, spec.num_images, device, host_budget=cfg.replay_memory,
-                    enabled=cfg.replay_memory != 0 and bool(units), images_only=cfg.finetune is not None,
+                    enabled=cfg.replay_memory != 0 and bool(units) and reference is None,
+                    images_only=cfg.finetune is not None,
                     graph=graph)
     for index, unit in enumerate(units):
         if unit.producer in done:
@@ -78,13 +84,20 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
         hashing = digest is not None and digest.images == 0 and not source_pass.from_cache
         if hashing:
             batches = _digested(batches, digest)
+        forward, extra, sink = source_pass.forward(), None, None
+        if reference is not None and index > 0 and fits_cross(unit):  # unit 0: nothing upstream was cut
+            sink = CrossSink(unit, consumer_geometry(get_module(model, unit.consumer), unit),
+                             cfg.seed * 1000003 + index, spec.samples_per_image)
+            forward = paired_forward(reference, unit, sink, forward or model)
+            extra = {unit.consumer: sink.update}
         with progress_bar(spec.num_images, f"[{index + 1}/{len(units)}] {unit.consumer}", cfg.progress) as bar:
             stats = collect_units(model, [unit], batches, spec, first_index=index,
-                                  forward=source_pass.forward(), bar=bar, timer=timer)[unit.producer]
+                                  forward=forward, bar=bar, timer=timer, extra=extra)[unit.producer]
         if hashing:
             checkpoint.check_data(cfg.resume, data_seen, digest.all_reduce())
             data_seen = digest.as_dict()
-        d = _decide(model, unit, stats, n_keep[unit.producer], cfg, timer)
+        d = _decide(model, unit, stats, n_keep[unit.producer], cfg, timer,
+                    towards=sink.result() if sink is not None else None)
         _apply(model, d, timer)
         replay.commit(unit, d.indices)
         if cfg.finetune is not None:
