@@ -80,7 +80,8 @@ def cmd_prune(args):
     options = dict(method=args.method, statistics=args.statistics, reconstruction=args.reconstruction,
                    bias_compensation=not args.no_bias_compensation, bn_recalibration=args.bn_recalibration,
                    schedule=args.schedule, num_images=args.num_images, samples_per_image=args.samples_per_image,
-                   seed=args.seed, device=args.device, backend=args.backend, resume=args.resume)
+                   seed=args.seed, device=args.device, backend=args.backend, resume=args.resume,
+                   target=args.target, through_norm=args.through_norm)
     if args.preset:
         if args.units:
             raise ValueError("--units does not combine with --preset (the preset names its units)")
@@ -205,7 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statistics", default="auto", choices=tf.STATISTICS)
     p.add_argument("--reconstruction", default="scale", choices=tf.RECONSTRUCTIONS)
     p.add_argument("--no-bias-compensation", action="store_true")
-    p.add_argument("--bn-recalibration", action="store_true")
+    p.add_argument("--bn-recalibration", action="store_true",
+                   help="re-estimate the BatchNorm layers downstream of the pruned consumers")
+    p.add_argument("--target", choices=tf.pipeline.config.TARGETS, default="current",
+                   help="what the sequential reconstruction fits: the partly pruned model's output (current, "
+                        "the paper's) or the unpruned model's (default: %(default)s)")
+    p.add_argument("--through-norm", action="store_true",
+                   help="select and fit on the output of the consumer's BatchNorm (what the next layer sees)")
     p.add_argument("--schedule", default="sequential", choices=tf.SCHEDULES)
     p.add_argument("--backend", default="auto", choices=tf.BACKENDS)
     p.add_argument("--resume", help="checkpoint file written after every unit and resumed from")

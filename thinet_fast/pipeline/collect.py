@@ -59,6 +59,8 @@ class StatsSpec:
         holdout: about one image in n (by key) also forms the held-out fold; 0 = none.
         images: the images a pass will really read, when the data says (None: take
             ``num_images``); sizes the held-out fold.
+        through_norm: a consumer's Gram weighs each output channel by its BatchNorm's
+            gain (:func:`norm_gain`), so selection and fit see the normalised output.
     """
 
     statistics: str = "auto"
@@ -71,6 +73,7 @@ class StatsSpec:
     count_zeros: bool = True
     holdout: int = 0
     images: int | None = None
+    through_norm: bool = False
 
     def __post_init__(self):
         if self.statistics not in STATISTICS:
@@ -87,7 +90,7 @@ class StatsSpec:
         return cls(statistics=cfg.statistics, num_images=cfg.num_images, samples_per_image=cfg.samples_per_image,
                    seed=cfg.seed, acc_dtype=cfg.stats_dtype, backend=cfg.backend,
                    with_cov=cfg.reconstruction == "full", count_zeros="zeros" in get_method(cfg.method).needs,
-                   holdout=cfg.holdout if cfg.reconstruction != "none" else 0)
+                   holdout=cfg.holdout if cfg.reconstruction != "none" else 0, through_norm=cfg.through_norm)
 
     def replace(self, **changes) -> "StatsSpec":
         return dataclasses.replace(self, **changes)
@@ -244,9 +247,28 @@ def unit_accumulators(model: nn.Module, units: list[Unit], spec: StatsSpec,
     for j, unit in enumerate(units, start=first_index):
         consumer = get_module(model, unit.consumer)
         weight = consumer.weight[:, :, None, None] if unit.tokens else consumer.weight
+        gain = norm_gain(model, unit) if spec.through_norm else None
+        if gain is not None:  # the Gram measures what the BatchNorm passes on
+            weight = weight.detach() * gain.to(weight)[(slice(None),) + (None,) * (weight.dim() - 1)]
         accs[unit.producer] = spec.accumulator(weight, consumer_geometry(consumer, unit),
                                                channels=unit.channels, index=j)
     return accs
+
+
+def norm_gain(model: nn.Module, unit: Unit) -> torch.Tensor | None:
+    """|γ| / sqrt(var + ε) of the BatchNorm that alone reads the consumer's output
+    (``unit.consumer_norm``), float64, or None without one: the factor by which each
+    output channel's error reaches the next layer. Floored at 1e-6 of its largest entry,
+    so that a fit scaled by it can be scaled back."""
+    if unit.consumer_norm is None:
+        return None
+    bn = get_module(model, unit.consumer_norm)
+    if getattr(bn, "running_var", None) is None:
+        return None
+    g = (bn.running_var.detach().double() + bn.eps).rsqrt()
+    if bn.weight is not None:
+        g = g * bn.weight.detach().double().abs()
+    return g.clamp_min(1e-6 * float(g.max().clamp_min(torch.finfo(torch.float64).tiny)))
 
 
 def unit_sink(unit: Unit, acc: StatsAccumulator) -> Sink:

@@ -42,7 +42,11 @@ class PruneConfig:
             consumer's output on the partly pruned model, the paper's) or "unpruned"
             (the unpruned model's output on the same images: upstream errors are
             corrected; one extra forward of the unpruned model per unit, no replay).
-        bn_recalibration: re-estimate BatchNorm statistics after pruning.
+        through_norm: for a consumer whose output goes to a BatchNorm alone, select and
+            fit on the normalised output (each output channel weighed by γ/σ), which is
+            what the next layer sees; the paper (and the default) fits the raw output.
+        bn_recalibration: after pruning, re-estimate the running statistics of every
+            BatchNorm downstream of a changed consumer (the others are exact already).
         schedule: "sequential" (paper; resumable) or "oneshot".
         num_images: calibration images to use (paper: 10 per class).
         samples_per_image: locations per image (paper: 10); None = every location.
@@ -111,6 +115,7 @@ class PruneConfig:
     leaf_modules: tuple = ()
     ignored_layers: tuple = ()
     target: str = "current"
+    through_norm: bool = False
 
     def __post_init__(self):
         def _one_of(name, value, allowed):
@@ -183,7 +188,7 @@ class PruneConfig:
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not math.isfinite(self.ridge) \
                 or self.ridge < 0:
             raise ValueError(f"ridge must be a finite number >= 0; got {self.ridge!r}")
-        for name in ("bias_compensation", "bn_recalibration", "inplace", "progress"):
+        for name in ("bias_compensation", "bn_recalibration", "through_norm", "inplace", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0 or \
@@ -197,7 +202,7 @@ class PruneConfig:
         """The options that decide the result (a resumed run must match them)."""
         keys = ("keep", "method", "statistics", "reconstruction", "bias_compensation", "schedule",
                 "num_images", "samples_per_image", "seed", "units", "preset", "ridge", "flops_target", "min_keep", "holdout",
-                "coupled", "ignored_layers", "target")
+                "coupled", "ignored_layers", "target", "through_norm")
         out = {k: getattr(self, k) for k in keys}
         out["keep"] = dict(self.keep) if isinstance(self.keep, Mapping) else self.keep
         out["stats_dtype"] = str(self.stats_dtype)

@@ -58,10 +58,14 @@ def select(method: str, stats: Statistics, n_keep: int, producer: nn.Module, *, 
 
 def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, consumer: nn.Module, *,
            method: str, reconstruction: str, bias_compensation: bool, seed: int = 0,
-           backend: str = "auto", ridge: float = 1e-8, selection=None, towards=None) -> Decision:
+           backend: str = "auto", ridge: float = 1e-8, selection=None, towards=None,
+           gain: torch.Tensor | None = None) -> Decision:
     """Select (unless ``selection`` = (keep, curve) is given) and reconstruct; with
     ``towards`` (:class:`~thinet_fast.pipeline.target.Towards`) the reconstruction fits
-    the unpruned model's output instead of the current one."""
+    the unpruned model's output instead of the current one. With ``gain`` (K,) (the
+    consumer's BatchNorm, :func:`~thinet_fast.pipeline.collect.norm_gain`; the
+    statistics must have been taken with it) everything is fitted and scored on the
+    output scaled by it, and the new weight and bias are scaled back."""
     t0 = time.perf_counter()
     chosen = selection_resolution(method, backend, stats.gram.device)  # once per unit
     if selection is None:
@@ -70,6 +74,9 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
     keep_dev = keep.to(consumer.weight.device)
     K = consumer.weight.shape[0]
     W = consumer.weight.detach().reshape(K, unit.channels, -1)   # (K, C, t)
+    if gain is not None:
+        gain = gain.to(device=W.device, dtype=torch.float64)
+        W = (W.double() * gain[:, None, None]).to(W.dtype)
     notes = [f"statistics backend: {stats.backend_note}"] if stats.backend_note else []
     if chosen.reason:
         notes.append(f"selection backend: {chosen.reason}")
@@ -81,6 +88,8 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
     # on the held-out fold when there is one, like error_reconstructed
     err_sel = float(reconstruct.scale_error(held.gram if held is not None else stats.gram, keep))
     bias = consumer.bias.detach() if consumer.bias is not None else None
+    if gain is not None and bias is not None:
+        bias = bias.double() * gain
     if towards is not None and recon != "none":
         Wn, err_rec = _fit_towards(W, keep_dev, recon, towards, ridge)
         used_ridge, n_held = ridge, 0
@@ -95,6 +104,9 @@ def decide(unit: Unit, stats: Statistics, n_keep: int, producer: nn.Module, cons
                                                               bias_compensation, ridge, err_sel, notes)
         if bias_compensation:
             bias = reconstruct.bias_compensation(W, Wn, keep, stats.mean.to(W.device), bias)
+    if gain is not None:
+        Wn = Wn / gain[:, None, None]
+        bias = bias / gain if bias is not None else None
     if not torch.isfinite(Wn).all() or (bias is not None and not torch.isfinite(bias).all()):
         raise FloatingPointError(f"reconstruction of {unit.consumer!r} produced non-finite weights; "
                                  "check the calibration data (NaN activations?)")

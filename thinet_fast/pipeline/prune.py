@@ -14,7 +14,7 @@ from ..report import Report, build_report
 from ..units import UnitPlan, UntraceableModelError, find_units, get_module
 from .coupled import CoupledStage
 from .budget import allocate_flops
-from .calibrate import recalibrate_batchnorm
+from .calibrate import downstream_norms, recalibrate_batchnorm, running_norms
 from .collect import StatsSpec, collect_units, images_in, iter_batches, model_device, progress_bar
 from . import keeps
 from .config import PruneConfig
@@ -205,8 +205,9 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
         notes.append(f"preset {preset.name}: {preset.note}")
     if cfg.bn_recalibration:
         with timer.phase("bn_recalibration"):
-            n_bn = recalibrate_batchnorm(work, data, num_images=cfg.num_images, device=device)
-        notes.append(f"re-estimated {n_bn} BatchNorm layers on {cfg.num_images} calibration images")
+            layers, why = _changed_norms(work, records, cfg, example[:1])
+            n_bn = recalibrate_batchnorm(work, data, num_images=cfg.num_images, device=device, layers=layers)
+        notes.append(f"re-estimated {n_bn} BatchNorm layers{why} on {cfg.num_images} calibration images")
     with timer.phase("report"):
         report = build_report(work, example[:1], reference=model, units=records,
                               config=cfg.fingerprint(), backend=_backends_used(records), notes=notes)
@@ -215,6 +216,22 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
         transplant(model, work)  # only now that everything succeeded
         work = model
     return PruneResult(work, report, plan, cfg)
+
+
+def _changed_norms(model: nn.Module, records, cfg: PruneConfig, example):
+    """(the BatchNorm layers a cut reaches, or None for all; a note on which)."""
+    if cfg.finetune is not None:
+        return None, " (all: per-unit fine-tuning may have changed any layer)"
+    names = {n.strip() for r in records for n in r.consumer.split(",")}
+    modules = dict(model.named_modules())
+    if not names <= modules.keys():
+        return None, " (all: the preset's rewrite renamed pruned consumers)"
+    total = len(running_norms(model))
+    try:
+        layers = downstream_norms(model, [modules[n] for n in names], example)
+    except Exception as e:  # noqa: BLE001 - the safe fallback is to re-estimate them all
+        return None, f" (all: following the data from the pruned consumers failed: {type(e).__name__}: {e})"
+    return layers, f" downstream of the pruned consumers (of {total})"
 
 
 def _backends_used(records: list[dict]) -> dict:

@@ -11,7 +11,7 @@ from ..records import UnitRecord
 from ..rewrite import prune_unit_
 from ..units import Unit, get_module
 from . import checkpoint
-from .collect import Keyed, StatsSpec, collect_units, consumer_geometry, iter_batches, progress_bar
+from .collect import Keyed, StatsSpec, collect_units, consumer_geometry, iter_batches, norm_gain, progress_bar
 from .config import PruneConfig
 from .decide import Decision, decide
 from .methods import SelectContext, get_method, selection_backend
@@ -25,7 +25,8 @@ def _decide(model, unit, stats, n_keep, cfg: PruneConfig, timer: Timings, select
     t0 = time.perf_counter()
     d = decide(unit, stats, n_keep, get_module(model, unit.producer), get_module(model, unit.consumer),
                method=cfg.method, reconstruction=cfg.reconstruction, bias_compensation=cfg.bias_compensation,
-               seed=cfg.seed, backend=cfg.backend, ridge=cfg.ridge, selection=selection, towards=towards)
+               seed=cfg.seed, backend=cfg.backend, ridge=cfg.ridge, selection=selection, towards=towards,
+               gain=norm_gain(model, unit) if cfg.through_norm else None)
     timer.sync()
     total = time.perf_counter() - t0
     select_s = min(getattr(d, "select_seconds", 0.0), total)
