@@ -46,13 +46,13 @@ def downstream_norms(model: nn.Module, sources, example: torch.Tensor) -> list[n
     """The BatchNorm layers (with running statistics) whose input depends on the output
     of a module in ``sources``, found by one forward of ``example`` that follows the
     data through every torch function (no tracing: any model that runs works)."""
-    sources = set(sources)
+    sources, norms = set(sources), set(running_norms(model))
     reach, hit, handles = _Reach(), [], []
     try:
         for m in model.modules():
             if m in sources:
                 handles.append(m.register_forward_hook(lambda mod, args, out: reach.mark(out)))
-            if isinstance(m, _BN) and m.track_running_stats:
+            if m in norms:
                 handles.append(m.register_forward_pre_hook(
                     lambda mod, args: hit.append(mod) if reach.reached(args) else None))
         with preserved_modes(model, train=False), reach:

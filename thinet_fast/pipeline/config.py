@@ -45,6 +45,7 @@ class PruneConfig:
         through_norm: for a consumer whose output goes to a BatchNorm alone, select and
             fit on the normalised output (each output channel weighed by γ/σ), which is
             what the next layer sees; the paper (and the default) fits the raw output.
+            Plain units only: coupled groups' readers fit their raw output.
         bn_recalibration: after pruning, re-estimate the running statistics of every
             BatchNorm downstream of a changed consumer (the others are exact already).
         schedule: "sequential" (paper; resumable) or "oneshot".
