@@ -5,14 +5,8 @@ import pytest
 import torch
 
 import thinet_fast as tf
+from conftest import needs_fmnist
 from thinet_fast.cli import main
-
-try:
-    tf.data.fashion_mnist_root()
-    HAVE_FMNIST = True
-except FileNotFoundError:
-    HAVE_FMNIST = False
-needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist")
 
 
 def test_backends_command(capsys):

@@ -72,6 +72,28 @@ def cmd_demo(args):
         tf.demo.dump(rows, args.json)
 
 
+def _tuple(text: str | None, kind=str):
+    return None if text is None else tuple(kind(x) for x in text.split(",") if x)
+
+
+def cmd_study(args):
+    from thinet_fast import study
+    chosen = {k: v for k, v in dict(models=_tuple(args.models), rows=_tuple(args.rows), keeps=_tuple(args.keeps, float),
+                                    schedules=_tuple(args.schedules), seeds=_tuple(args.seeds, int),
+                                    finetune_steps=args.finetune_steps, out=args.out).items() if v is not None}
+    if args.no_ablation:
+        chosen["ablation"] = False
+    if args.no_cache:
+        chosen["cache"] = False
+    s = study.StudySettings.quick(**chosen) if args.quick else study.StudySettings(**chosen)
+    try:
+        Path(s.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(f"--out {s.out!r}: cannot create the folder ({exc})") from None
+    check_writable(str(Path(s.out) / "study.json"), "--out")
+    study.write_study(s, resume=not args.fresh, plots=not args.no_plots)
+
+
 def cmd_prune(args):
     _check_outputs(args)
     model = load_model(args.model, args.weights, args.num_classes)
@@ -189,6 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="retrain instead of reusing the cached demo models")
     p.add_argument("--json")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("study", help="the method study on Fashion-MNIST: tables and plots under bench/results")
+    p.add_argument("--quick", action="store_true", help="a one-minute smoke run (one model, seed, keep)")
+    p.add_argument("--models", help="comma list from vgg,vgg_nobn,resnet (default: all)")
+    p.add_argument("--rows", help="comma list of methods (default: all; see thinet_fast.study.ROWS)")
+    p.add_argument("--keeps", help="comma list of keep fractions (default 0.7,0.5,0.3)")
+    p.add_argument("--schedules", help="comma list from sequential,oneshot (default: both)")
+    p.add_argument("--seeds", help="comma list of seeds (default 0,1,2)")
+    p.add_argument("--finetune-steps", type=int, help="steps of each fine-tune (default 100)")
+    p.add_argument("--no-ablation", action="store_true", help="skip the grid of exact variants")
+    p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    p.add_argument("--fresh", action="store_true", help="ignore the runs already in <out>/study.json")
+    p.add_argument("--no-cache", action="store_true", help="retrain the models instead of reusing the cache")
+    p.add_argument("--out", help="output folder (default bench/results)")
+    p.set_defaults(fn=cmd_study)
 
     p = sub.add_parser("prune", help="prune a model")
     _common(p)

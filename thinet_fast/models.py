@@ -155,10 +155,12 @@ class DemoVGG(nn.Module):
     hidden 256: ~212K parameters, ~8 MFLOPs per image; an epoch of Fashion-MNIST takes
     well under a minute on two CPU cores. Units: conv -> conv (t=9, some through a
     max-pool), last conv -> fc after flatten (t=9, the 3x3 map), fc -> fc (t=1).
+    ``batch_norm=False``: conv(+bias)-ReLU blocks, the plain VGG the paper pruned.
     """
 
     def __init__(self, widths: Sequence[int] = (8, 16, 32, 64, 64), hidden: int = 256,
-                 num_classes: int = 10, in_channels: int = 1, dropout: float = 0.2) -> None:
+                 num_classes: int = 10, in_channels: int = 1, dropout: float = 0.2,
+                 batch_norm: bool = True) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if len(widths) != 5:
@@ -166,7 +168,8 @@ class DemoVGG(nn.Module):
         layers: list[nn.Module] = []
         c = in_channels
         for i, w in enumerate(widths):
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=not batch_norm)]
+            layers += [nn.BatchNorm2d(w), nn.ReLU(inplace=True)] if batch_norm else [nn.ReLU(inplace=True)]
             if i in (0, 2, 4):
                 layers.append(nn.MaxPool2d(2))  # 28 -> 14 -> 7 -> 3
             c = w

@@ -25,6 +25,9 @@ class UnitRecord:
         statistics_backend, selection_backend: where the kernels ran.
         ridge: the relative ridge of the reconstruction (None: no solve).
         replay: where the unit's statistics pass started (sequential schedule).
+        error_curve: the greedy error curve E(n)/E(all removed), n = 1..channels-1
+            (ThiNet's greedy selection only; empty otherwise): how fast the error grows
+            with each channel removed, which the budget allocation and the plots read.
     """
 
     producer: str
@@ -43,13 +46,16 @@ class UnitRecord:
     heldout_images: int = 0
     ridge: Optional[float] = None
     replay: Optional[str] = None
+    error_curve: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "notes", tuple(self.notes))
+        object.__setattr__(self, "error_curve", tuple(float(e) for e in self.error_curve))
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["notes"] = list(self.notes)
+        out["error_curve"] = list(self.error_curve)
         return out
 
     @classmethod

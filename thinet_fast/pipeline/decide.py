@@ -42,7 +42,8 @@ class Decision:
             method=self.method, statistics=self.statistics, reconstruction=self.reconstruction,
             error_selected=self.error_selected, error_reconstructed=self.error_reconstructed,
             seconds=self.seconds, notes=tuple(self.notes), statistics_backend=self.statistics_backend,
-            selection_backend=self.selection_backend, heldout_images=self.heldout_images, ridge=self.ridge)
+            selection_backend=self.selection_backend, heldout_images=self.heldout_images, ridge=self.ridge,
+            error_curve=() if self.error_curve is None else self.error_curve.double().cpu().tolist())
 
 
 def select(method: str, stats: Statistics, n_keep: int, producer: nn.Module, *, seed: int = 0,
