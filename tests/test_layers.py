@@ -7,7 +7,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "thinet_fast"
 
 # a lower rank never imports a higher one
 RANK = {"ops": 0, "module": 1, "pipeline": 2, "top": 3}
-TOP = {"cli", "demo", "integrations", "training", "data", "__init__"}
+TOP = {"cli", "demo", "integrations", "training", "finetuning", "checkpoints_ft", "data", "study", "__init__"}
 
 
 def _layer(parts: tuple) -> str:

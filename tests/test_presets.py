@@ -217,13 +217,26 @@ def test_model_builders():
 def test_resnet50_preset_has_the_papers_parameter_count():
     """Bias compensation on the bias-free convs before BatchNorm folds into the BN's
     running mean, so the preset gives the paper's architecture exactly (12.38M)."""
-    import torchvision
-
     torch.manual_seed(0)
-    model = torchvision.models.resnet50().eval()
+    model = tf.models.resnet50_original().eval()
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     res = tf.prune(model, [x], preset="resnet50-thinet-50", num_images=4, progress=False)
     params = tf.count_params(res.model)
     print("ThiNet-50 params", params)
     assert round(params / 1e6, 2) == 12.38
     assert not any(m.bias is not None for m in res.model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_a_preset_refuses_another_base_before_any_work_saying_what_it_needs():
+    import torchvision
+    v15 = torchvision.models.resnet50()
+    with pytest.raises(ValueError) as e:
+        tf.prune(v15, [torch.randn(1, 3, 32, 32)], preset="resnet50-thinet-50", progress=False)
+    msg = str(e.value)
+    print(msg)
+    assert "v1.5" in msg and "resnet50_original" in msg and "`layer2.0.conv1` should be" in msg and "stride 2" in msg
+    with pytest.raises(ValueError, match="vgg16 without BatchNorm.*`features.2` should be Conv2d") as e:
+        tf.prune(torchvision.models.vgg16_bn(), [torch.randn(1, 3, 32, 32)], preset="vgg16-thinet-conv", progress=False)
+    assert str(e.value).count("\n") == 0 and "more)" in str(e.value)
+    # the class count may differ: a 10-class VGG-16 passes the check
+    tf.presets.check_base("vgg16-thinet-conv", torchvision.models.vgg16(num_classes=10))

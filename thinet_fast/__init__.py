@@ -24,7 +24,7 @@ from .rewrite import prune_unit_, prune_units
 from .serialization import load, load_meta, save
 from .records import UnitRecord
 from .counting import count_flops, count_params, model_size_mb
-from .pipeline import PruneConfig, PruneResult, collect_statistics, prune, recalibrate_batchnorm
+from .pipeline import DryRun, PruneConfig, PruneResult, collect_statistics, dry_run, prune, recalibrate_batchnorm
 from .pipeline.config import BACKENDS, METHODS, RECONSTRUCTIONS, SCHEDULES, STATISTICS
 from .pipeline.methods import Method, SelectContext, Selection, get_method, method_names, register_method
 from .training import evaluate, finetune, finetune_callback
@@ -33,7 +33,7 @@ from . import data, demo, models, presets, report
 __version__ = "0.1.0"
 
 __all__ = [
-    "backends", "BackendUnavailable",
+    "backends", "BackendUnavailable", "dry_run", "DryRun",
     "greedy_remove", "greedy_remove_ref", "greedy_keep_ls", "greedy_keep_ls_ref", "removal_to_keep",
     "ls_scale", "refit_full", "bias_compensation", "lasso_keep", "top_k",
     "ConsumerGeometry", "StatsAccumulator", "Statistics",

@@ -1,5 +1,10 @@
 """Data for calibration, fine-tuning and evaluation: Fashion-MNIST (the demo) and
-ImageFolder trees (ImageNet layout), with the paper's per-class calibration subset."""
+ImageFolder trees (ImageNet layout), with the paper's per-class calibration subset.
+
+Image folders name their unreadable files or skip and count them
+(:mod:`thinet_fast.images`), :func:`check_classes` compares a folder's classes with the
+model's outputs, and :func:`decoded` decodes calibration images once per run
+(:mod:`thinet_fast.decoded`)."""
 from __future__ import annotations
 
 import gzip
@@ -8,6 +13,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from .decoded import DecodedCache, decoded, memory_budget  # noqa: F401 (re-exported)
+from .images import BadImageError, check_classes  # noqa: F401 (re-exported)
 
 FMNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FMNIST_FILES = {
@@ -89,9 +97,15 @@ def per_class_subset(dataset: Dataset, per_class: int, seed: int = 0, targets=No
     return Subset(dataset, idx[torch.randperm(idx.numel(), generator=g)].tolist())
 
 
-def image_folder(path: str | os.PathLike, train: bool = False, image_size: int = 224):
-    """An ImageFolder (ImageNet layout) with the standard torchvision preprocessing."""
-    from torchvision import datasets, transforms
+def image_folder(path: str | os.PathLike, train: bool = False, image_size: int = 224, skip_bad: bool = False):
+    """An ImageFolder (ImageNet layout) with the standard torchvision preprocessing.
+
+    An unreadable file raises :class:`BadImageError` naming it; with ``skip_bad`` it is
+    replaced by the next readable image of its class and listed in ``.skipped`` (also
+    when DataLoader workers read it; :mod:`thinet_fast.images` says why replacement)."""
+    from torchvision import transforms
+
+    from .images import ImageFiles
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path} is not a folder of class subfolders (ImageNet layout)")
     norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -101,7 +115,7 @@ def image_folder(path: str | os.PathLike, train: bool = False, image_size: int =
     else:
         tf = transforms.Compose([transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size),
                                  transforms.ToTensor(), norm])
-    return datasets.ImageFolder(str(path), transform=tf)
+    return ImageFiles(path, transform=tf, skip_bad=skip_bad)
 
 
 def loader(dataset: Dataset, batch_size: int = 64, shuffle: bool = False, workers: int = 0, seed: int = 0):

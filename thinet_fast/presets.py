@@ -54,7 +54,7 @@ from .models import THINET_TINY_WIDTHS, gap_head_, resnet50_original
 from .rewrite import prune_unit_
 from .units import UnitPlan, find_units
 
-__all__ = ["Preset", "PRESETS", "get_preset", "apply_preset_shapes", "preset_architecture", "BASES"]
+__all__ = ["Preset", "PRESETS", "get_preset", "apply_preset_shapes", "preset_architecture", "BASES", "check_base"]
 
 #: base architectures a preset can name; all built with random init (weights=None).
 def _torchvision(name: str) -> Callable[..., nn.Module]:
@@ -204,6 +204,49 @@ def get_preset(name: Union[str, Preset]) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown preset {name!r}; one of: {', '.join(PRESETS)}") from None
+
+
+_BASE_NOTES = {
+    "resnet50_original": "ResNet-50 v1 as the paper's Caffe model (stride 2 in the first 1x1 conv of a stage); "
+                         "torchvision's resnet50 is v1.5 (stride in the 3x3 conv) and lands on other FLOPs. "
+                         "Build thinet_fast.models.resnet50_original() and load your weights into it "
+                         "(the keys and shapes are torchvision's)",
+    "resnet50": "torchvision's resnet50",
+    "vgg16": "torchvision's vgg16 without BatchNorm (features.0 .. features.28, classifier 25088-4096-4096-N)",
+}
+
+
+def _layout(m: nn.Module):
+    if isinstance(m, nn.Conv2d):
+        g = f", groups {m.groups}" if m.groups > 1 else ""
+        return f"Conv2d({m.in_channels}->{m.out_channels}, kernel {m.kernel_size[0]}, stride {m.stride[0]}{g})"
+    if isinstance(m, nn.Linear):
+        return f"Linear({m.in_features}->{m.out_features})"
+    return None
+
+
+def check_base(preset: Union[str, Preset], model: nn.Module) -> None:
+    """Refuse a model that is not the preset's base architecture, before any work, with
+    what the preset needs and the first differences (the last layer's width, the class
+    count, may differ)."""
+    preset = get_preset(preset)
+    with torch.device("meta"):
+        base = preset.build_base()
+    mine = dict(model.named_modules())
+    layers = [(n, m) for n, m in base.named_modules() if _layout(m) is not None]
+    diffs = []
+    for i, (name, ref) in enumerate(layers):
+        got = mine.get(name)
+        want = _layout(ref)
+        have = None if got is None else _layout(got)
+        if i == len(layers) - 1 and have is not None and want.startswith("Linear") and have.startswith("Linear"):
+            want, have = want.split("->")[0], have.split("->")[0]  # any number of classes
+        if have != want:
+            diffs.append(f"`{name}` should be {want}, is " + ("missing" if got is None else have or type(got).__name__))
+    if diffs:
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise ValueError(f"preset {preset.name} needs {_BASE_NOTES.get(preset.base, preset.base)}; this "
+                         f"{type(model).__name__} differs: " + "; ".join(diffs[:3]) + more)
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -10,6 +10,7 @@ from torch import nn
 
 from .counting import count_flops, count_params, model_size_mb
 from .modes import preserved_modes
+from .latency import latency_table, measure_latency  # noqa: F401 (the report's speed figures)
 from .records import UnitRecord
 from .tables import format_table
 
@@ -36,6 +37,7 @@ class Report:
     config: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)  # seconds per phase (forward, statistics, ...)
+    speed: dict = field(default_factory=dict)    # measure_latency() per model ("pruned", "original")
 
     @property
     def params(self) -> int:
@@ -119,6 +121,17 @@ def _fb(f, b):
     return "-" if f is None else f"{f:.1f}/{b:.1f}"
 
 
+
+
+def comparison(model: ModelStats, original: ModelStats) -> str:
+    """One line against the unpruned model: ratios, and Δ top-1/top-5 when both have them."""
+    parts = [f"vs original: params {model.params / max(original.params, 1):.1%}, "
+             f"FLOPs {model.flops / max(original.flops, 1):.1%}, size {model.size_mb / max(original.size_mb, 1e-9):.1%}"]
+    for k in ("top1", "top5"):
+        a, b = getattr(model, k), getattr(original, k)
+        if a is not None and b is not None:
+            parts.append(f"Δ {k} {100 * (a - b):+.2f} points")
+    return ", ".join(parts)
 
 
 def model_stats(model: nn.Module, example: torch.Tensor) -> ModelStats:

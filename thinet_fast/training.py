@@ -1,8 +1,8 @@
-"""Fine-tuning (with optional distillation from the unpruned model) and evaluation."""
+"""Evaluation, the distillation loss, and the per-unit fine-tune callback.
+
+:func:`finetune` itself lives in :mod:`thinet_fast.finetuning` (re-exported here)."""
 from __future__ import annotations
 
-import contextlib
-import math
 from typing import Callable
 
 import torch
@@ -55,102 +55,17 @@ def _len(data, cap):
     return n if cap is None else min(n, cap)
 
 
-def distillation_loss(student_logits, teacher_logits, target, *, temperature: float, weight: float):
-    """Hinton et al.: (1 - weight)·CE + weight·T²·KL(teacher_T ‖ student_T)."""
-    ce = F.cross_entropy(student_logits, target)
+def distillation_loss(student_logits, teacher_logits, target, *, temperature: float, weight: float,
+                      label_smoothing: float = 0.0):
+    """Hinton et al.: (1 - weight)·CE + weight·T²·KL(teacher_T ‖ student_T); the CE part
+    with ``label_smoothing`` as in ``F.cross_entropy``."""
+    ce = F.cross_entropy(student_logits, target, label_smoothing=label_smoothing)
     if weight == 0:
         return ce
     T = temperature
     kl = F.kl_div(F.log_softmax(student_logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
                   reduction="batchmean", log_target=True)
     return (1 - weight) * ce + weight * T * T * kl
-
-
-def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | None = None, lr: float = 0.01,
-             optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 1e-4,
-             schedule: str = "cosine", step_size: int | None = None, gamma: float = 0.1,
-             teacher: nn.Module | None = None, temperature: float = 4.0, distill_weight: float = 0.5,
-             device=None, progress: bool = True, log_every: int = 0) -> dict:
-    """Fine-tune ``model`` in place on (input, target) batches.
-
-    Args:
-        epochs: passes over ``train_data`` (fractions allowed) unless ``steps`` is given.
-        optimizer: "sgd" (momentum, nesterov) or "adamw".
-        schedule: "cosine", "step" (``gamma`` every ``step_size`` steps) or "constant".
-        teacher: the unpruned model for knowledge distillation (frozen, eval mode).
-        temperature, distill_weight: distillation settings (weight 0 = plain CE).
-    Returns:
-        {"steps": n, "loss": last running loss}.
-    """
-    if optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"optimizer={optimizer!r} is not 'sgd' or 'adamw'")
-    if schedule not in ("cosine", "step", "constant"):
-        raise ValueError(f"schedule={schedule!r} is not 'cosine', 'step' or 'constant'")
-    if not 0 <= distill_weight <= 1:
-        raise ValueError(f"distill_weight must lie in [0, 1]; got {distill_weight}")
-    device = device or next(model.parameters()).device
-    if steps is None:
-        try:
-            steps = max(1, int(math.ceil(epochs * len(train_data))))
-        except TypeError:
-            raise ValueError("train_data has no len(); pass steps=") from None
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    elif schedule == "step":
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size or max(1, steps // 3), gamma=gamma)
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    teacher_modes = contextlib.nullcontext()
-    teacher_device = None
-    if teacher is not None:  # its forward runs under no_grad; its flags and device stay the caller's
-        teacher_device = next(teacher.parameters()).device
-        teacher.to(device)
-        teacher_modes = preserved_modes(teacher, train=False)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="finetune", leave=False)
-    done, running = 0, float("nan")
-    try:
-        with preserved_modes(model, train=True), teacher_modes:
-            while done < steps:
-                for x, y in _batches(train_data):
-                    x, y = x.to(device), y.to(device)
-                    out = model(x)
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_out = teacher(x)
-                        loss = distillation_loss(out, t_out, y, temperature=temperature, weight=distill_weight)
-                    else:
-                        loss = F.cross_entropy(out, y)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss became {float(loss)} at step {done}; lower lr={lr}")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    lv = float(loss.detach())
-                    running = lv if math.isnan(running) else 0.9 * running + 0.1 * lv
-                    done += 1
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{running:.3f}")
-                    if done >= steps:
-                        break
-                else:
-                    if done == 0:
-                        raise ValueError("train_data is empty")
-    finally:
-        if bar is not None:
-            bar.close()
-        if teacher is not None:
-            teacher.to(teacher_device)
-    return {"steps": done, "loss": running}
 
 
 def finetune_callback(train_data, *, teacher: nn.Module | None = None, **kwargs) -> Callable:
@@ -161,3 +76,7 @@ def finetune_callback(train_data, *, teacher: nn.Module | None = None, **kwargs)
         return finetune(model, train_data, teacher=teacher, **kwargs)
 
     return callback
+
+
+# at the end: finetuning imports evaluate and distillation_loss from this module
+from .finetuning import finetune  # noqa: E402

@@ -109,8 +109,12 @@ class StatsSpec:
             seed=self.seed_for(index), acc_dtype=self.acc_dtype, backend=self.backend,
             with_cov=self.with_cov and mode != "full" and channels * geometry.taps <= MAX_COV_DIM,
             count_zeros=self.count_zeros, holdout_every=self.holdout, fold_seed=self.seed,
-            expected_images=(self.num_images if self.images is None else min(self.images, self.num_images))
-            * world_size())
+            expected_images=self.pass_images * world_size())
+
+    @property
+    def pass_images(self) -> int:
+        """The images one pass reads here: ``num_images``, or fewer when the data has fewer."""
+        return self.num_images if self.images is None else min(self.images, self.num_images)
 
 
 def world_size() -> int:
@@ -364,7 +368,7 @@ def collect_statistics(model: nn.Module, units: list[Unit], data, spec: StatsSpe
         spec_options["acc_dtype"] = spec_options.pop("dtype")
     spec = spec if spec is not None else StatsSpec(**spec_options)
     device = torch.device(device) if device is not None else model_device(model)
-    with progress_bar(spec.num_images, desc, progress) as bar:
+    with progress_bar(spec.pass_images, desc, progress) as bar:
         return collect_units(model, units, iter_batches(data, spec.num_images, device), spec,
                              first_index=first_index, stop_early=stop_early, bar=bar)
 

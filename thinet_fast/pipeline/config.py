@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -52,7 +53,9 @@ class PruneConfig:
         num_images: calibration images to use (paper: 10 per class).
         samples_per_image: locations per image (paper: 10); None = every location.
         seed: seeds sampling and the random baseline.
-        device: where statistics are computed (default: the model's device).
+        device: where the pruned copy is made and the statistics are computed:
+            "auto" (default: CUDA when available, else the CPU), a device, or None
+            (the model's own device). The returned model lives there.
         backend: preferred kernel backend. Each op uses it where it has that
             implementation ("cpu"/"cuda"/"cupy" are selection-only, "triton" has no
             forward least squares) and "auto" elsewhere; the report says what ran.
@@ -85,6 +88,15 @@ class PruneConfig:
         leaf_modules: module fqns torch.fx should not trace into (code fx cannot trace).
         ignored_layers: module fqns never pruned (with their submodules), as producers
             or inside a coupled group.
+        round_to: hardware-friendly widths (as Torch-Pruning's ``round_to``): each kept
+            count becomes the nearest multiple of N in [N, C] (ties: the wider), or C
+            itself. None: no rounding; an int N >= 1; "auto" (default): 8 when the run's
+            device is CUDA, no rounding on the CPU. A unit narrower than N keeps its
+            count; an explicit int in a ``keep`` dict is kept as given; the presets keep
+            the paper's widths unless ``round_to`` is an int. With ``flops_target`` the
+            allocation is rounded, then narrowed a step at a time while over the target
+            (least error rise first) and widened into slack that is left; see
+            :mod:`thinet_fast.pipeline.keeps` and ``pipeline.budget.allocate_flops``.
     """
 
     keep: float | Mapping[str, float | int] | None = None
@@ -97,7 +109,7 @@ class PruneConfig:
     num_images: int = 1000
     samples_per_image: int | None = 10
     seed: int = 0
-    device: str | torch.device | None = None
+    device: str | torch.device | None = "auto"
     backend: str = "auto"
     units: list[str] | None = None
     filter_fn: Callable[[torch.nn.Module, str], bool] | None = None
@@ -117,6 +129,7 @@ class PruneConfig:
     ignored_layers: tuple = ()
     target: str = "current"
     through_norm: bool = False
+    round_to: int | str | None = "auto"
 
     def __post_init__(self):
         def _one_of(name, value, allowed):
@@ -192,6 +205,7 @@ class PruneConfig:
         for name in ("bias_compensation", "bn_recalibration", "through_norm", "inplace", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        self.round_to = _round_to(self.round_to)
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0 or \
                 self.holdout == 1:
             raise ValueError(f"holdout must be 0 (none) or an int >= 2 (about 1 image in n held out); got {self.holdout!r}")
@@ -203,7 +217,7 @@ class PruneConfig:
         """The options that decide the result (a resumed run must match them)."""
         keys = ("keep", "method", "statistics", "reconstruction", "bias_compensation", "schedule",
                 "num_images", "samples_per_image", "seed", "units", "preset", "ridge", "flops_target", "min_keep", "holdout",
-                "coupled", "ignored_layers", "target", "through_norm")
+                "coupled", "ignored_layers", "target", "through_norm", "round_to")
         out = {k: getattr(self, k) for k in keys}
         out["keep"] = dict(self.keep) if isinstance(self.keep, Mapping) else self.keep
         out["stats_dtype"] = str(self.stats_dtype)
@@ -216,6 +230,16 @@ def _int(name, v, low, extra=""):
         raise TypeError(f"{name} must be an int{' ' + extra if extra else ''}; got {type(v).__name__} {v!r}")
     if low is not None and v < low:
         raise ValueError(f"{name} must be >= {low}{' ' + extra if extra else ''}; got {v}")
+
+
+def _round_to(v):
+    """``round_to`` as given (None, "auto") or as an int >= 1 (numpy ints accepted)."""
+    if v is None or (isinstance(v, str) and v == "auto"):
+        return v
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 1:
+        return int(v)
+    raise ValueError(f"round_to={v!r} is not valid: pass None (no rounding), 'auto' (8 on CUDA, none on the CPU) "
+                     "or a positive int channel multiple such as round_to=8")
 
 
 def _check_keep(v, name):

@@ -9,6 +9,7 @@ space; then Torch-Pruning cuts the group (producers, followers, readers) physica
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -21,7 +22,7 @@ from ..records import UnitRecord
 from ..units import Unit
 from .collect import StatsSpec, collect_accumulators, iter_batches, progress_bar
 from .decide import decide
-from .keeps import n_keep_for
+from .keeps import n_keep_for, round_multiple
 from .methods import SelectContext, get_method, selection_backend
 
 __all__ = ["run_coupled", "group_statistics", "reader_unit"]
@@ -173,7 +174,7 @@ def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, t
         return records, refused
     readers = {r.key: r for g in groups for r in g.readers}
     graph_of = {r.key: g.graph for g in groups for r in g.readers}
-    with progress_bar(spec.num_images, "statistics (groups)", cfg.progress) as bar:
+    with progress_bar(spec.pass_images, "statistics (groups)", cfg.progress) as bar:
         stats = collect_accumulators(model, list(readers.values()), iter_batches(data, spec.num_images, device),
                                      spec, bar=bar, timer=timer)
     modules = dict(model.named_modules())
@@ -181,7 +182,7 @@ def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, t
     chosen = []
     for g in groups:
         t0 = time.perf_counter()
-        kept, gs, _ = _select(g, stats, _n_keep(g, cfg), modules, cfg, device)
+        kept, gs, _ = _select(g, stats, _n_keep(g, cfg, device), modules, cfg, device)
         drop = _dropped(g, kept)
         for ln in g.links:
             removed[ln.reader.key].update(ln.channels[drop[ln.positions]].tolist())
@@ -223,11 +224,11 @@ def _fresh(g: ChannelGroup, shapes) -> ChannelGroup:
 
 def _one_group(model, g: ChannelGroup, data, cfg, device, spec, timer, tag: str) -> UnitRecord:
     readers = {r.key: r for r in g.readers}
-    with progress_bar(spec.num_images, f"{tag} group {g.name}", cfg.progress) as bar:
+    with progress_bar(spec.pass_images, f"{tag} group {g.name}", cfg.progress) as bar:
         stats = collect_accumulators(model, list(readers.values()), iter_batches(data, spec.num_images, device),
                                      spec, bar=bar, timer=timer)
     t0 = time.perf_counter()
-    kept, gs, _ = _select(g, stats, _n_keep(g, cfg), dict(model.named_modules()), cfg, device)
+    kept, gs, _ = _select(g, stats, _n_keep(g, cfg, device), dict(model.named_modules()), cfg, device)
     drop = _dropped(g, kept)
     errors, notes_of = {}, {}
     for ln in g.links:
@@ -240,8 +241,12 @@ def _one_group(model, g: ChannelGroup, data, cfg, device, spec, timer, tag: str)
     return _record(g, kept, gs, seconds, errors, notes_of, cfg)
 
 
-def _n_keep(g: ChannelGroup, cfg) -> int:
-    return n_keep_for(g.channels // g.blocks, _fraction(g, cfg), f"keep for group `{g.name}`")
+def _n_keep(g: ChannelGroup, cfg, device) -> int:
+    """Kept positions per block. With ``round_to=N`` a block keeps a multiple of
+    N / gcd(N, blocks), so the group's whole width (positions × blocks) is one of N."""
+    multiple = round_multiple(cfg.round_to, device)
+    multiple //= math.gcd(multiple, g.blocks)
+    return n_keep_for(g.channels // g.blocks, _fraction(g, cfg), f"keep for group `{g.name}`", multiple)
 
 
 def _dropped(g: ChannelGroup, kept: torch.Tensor) -> torch.Tensor:

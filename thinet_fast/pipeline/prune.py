@@ -38,6 +38,18 @@ class PruneResult:
         return iter((self.model, self.report))
 
 
+def run_device(spec, model: nn.Module) -> torch.device:
+    """``device=``: "auto" is CUDA when available, else the CPU; None the model's own."""
+    if spec is None:
+        return model_device(model)
+    if isinstance(spec, str) and spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={spec!r}: no CUDA device is visible here; use device='cpu' or 'auto'")
+    return dev
+
+
 def _config(config: PruneConfig | None, options: dict) -> PruneConfig:
     if config is not None and options:
         raise TypeError(f"pass a PruneConfig or keyword options, not both (got {sorted(options)})")
@@ -137,15 +149,17 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
     spec = StatsSpec.from_config(cfg).replace(images=images_in(data))
     preset = None
     if cfg.preset is not None:
-        from ..presets import get_preset
+        from ..presets import check_base, get_preset
         preset = get_preset(cfg.preset)
+        if isinstance(model, nn.Module):
+            check_base(preset, model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if meta:
         raise ValueError(f"the model has meta tensors (no data), e.g. {meta[0]!r}; load its weights first "
                          "(statistics need real activations)")
-    device = torch.device(cfg.device) if cfg.device is not None else model_device(model)
+    device = run_device(cfg.device, model)
     timer = Timings(device)
     example = _example_input(data, device, model)
     # always work on a copy: a failure half way leaves the caller's model whole
@@ -169,16 +183,21 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
     stats = None
     if cfg.flops_target is not None:
         # the unpruned model's statistics: the one-shot schedule reuses them
-        with progress_bar(spec.num_images, "statistics (budget)", cfg.progress) as bar:
+        with progress_bar(spec.pass_images, "statistics (budget)", cfg.progress) as bar:
             stats = collect_units(work, plan.units, iter_batches(data, spec.num_images, device), spec, bar=bar,
                                   timer=timer)
         with timer.phase("selection"):
             n_keep, _, note = allocate_flops(
                 work, plan.units, stats, example[:1], flops_target=cfg.flops_target, min_keep=cfg.min_keep,
-                backend=selection_backend("thinet", cfg.backend, device))
+                backend=selection_backend("thinet", cfg.backend, device),
+                multiple=keeps.round_multiple(cfg.round_to, device))
         notes.append(note)
     else:
-        n_keep = keeps.for_config(plan, cfg, preset)
+        n_keep = keeps.for_config(plan, cfg, preset, device)
+    multiple = keeps.round_multiple(cfg.round_to, device, preset=preset is not None)
+    if multiple > 1:
+        notes.append(f"round_to={cfg.round_to!r}: kept counts rounded to multiples of {multiple} (or the full "
+                     f"width); explicit counts and units narrower than {multiple} as given")
 
     stage = None
     if cfg.coupled == "prune":
@@ -210,7 +229,8 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
         notes.append(f"re-estimated {n_bn} BatchNorm layers{why} on {cfg.num_images} calibration images")
     with timer.phase("report"):
         report = build_report(work, example[:1], reference=model, units=records,
-                              config=cfg.fingerprint(), backend=_backends_used(records), notes=notes)
+                              config={**cfg.fingerprint(), "round_to_multiple": multiple},
+                              backend=_backends_used(records), notes=notes)
     report.timings = timer.as_dict()
     if cfg.inplace:
         transplant(model, work)  # only now that everything succeeded

@@ -11,6 +11,7 @@ from ..records import UnitRecord
 from ..rewrite import prune_unit_
 from ..units import Unit, get_module
 from . import checkpoint
+from .overall import Overall
 from .collect import Keyed, StatsSpec, collect_units, consumer_geometry, iter_batches, norm_gain, progress_bar
 from .config import PruneConfig
 from .decide import Decision, decide
@@ -77,35 +78,42 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
                     enabled=cfg.replay_memory != 0 and bool(units) and reference is None,
                     images_only=cfg.finetune is not None,
                     graph=graph)
-    for index, unit in enumerate(units):
-        if unit.producer in done:
-            continue
-        source_pass = replay.plan(unit)
-        batches = source_pass.batches()
-        hashing = digest is not None and digest.images == 0 and not source_pass.from_cache
-        if hashing:
-            batches = _digested(batches, digest)
-        forward, extra, sink = source_pass.forward(), None, None
-        if reference is not None and index > 0 and fits_cross(unit):  # unit 0: nothing upstream was cut
-            sink = CrossSink(unit, consumer_geometry(get_module(model, unit.consumer), unit),
-                             cfg.seed * 1000003 + index, spec.samples_per_image)
-            forward = paired_forward(reference, unit, sink, forward or model)
-            extra = {unit.consumer: sink.update}
-        with progress_bar(spec.num_images, f"[{index + 1}/{len(units)}] {unit.consumer}", cfg.progress) as bar:
-            stats = collect_units(model, [unit], batches, spec, first_index=index,
-                                  forward=forward, bar=bar, timer=timer, extra=extra)[unit.producer]
-        if hashing:
-            checkpoint.check_data(cfg.resume, data_seen, digest.all_reduce())
-            data_seen = digest.as_dict()
-        d = _decide(model, unit, stats, n_keep[unit.producer], cfg, timer,
-                    towards=sink.result() if sink is not None else None)
-        _apply(model, d, timer)
-        replay.commit(unit, d.indices)
-        if cfg.finetune is not None:
-            cfg.finetune(model, unit, index)
-        records.append(d.record().replace(replay=source_pass.describe()))
-        if cfg.resume and checkpoint.writes_checkpoints():
-            checkpoint.save_checkpoint(cfg.resume, model, cfg, source, records, data_seen)
+    overall = Overall(model, units, example, cfg.progress)
+    try:
+        for index, unit in enumerate(units):
+            if unit.producer in done:
+                overall.skip(unit)
+                continue
+            overall.start()
+            source_pass = replay.plan(unit)
+            batches = source_pass.batches()
+            hashing = digest is not None and digest.images == 0 and not source_pass.from_cache
+            if hashing:
+                batches = _digested(batches, digest)
+            forward, extra, sink = source_pass.forward(), None, None
+            if reference is not None and index > 0 and fits_cross(unit):  # unit 0: nothing upstream was cut
+                sink = CrossSink(unit, consumer_geometry(get_module(model, unit.consumer), unit),
+                                 cfg.seed * 1000003 + index, spec.samples_per_image)
+                forward = paired_forward(reference, unit, sink, forward or model)
+                extra = {unit.consumer: sink.update}
+            with progress_bar(spec.pass_images, f"[{index + 1}/{len(units)}] {unit.consumer}", cfg.progress) as bar:
+                stats = collect_units(model, [unit], batches, spec, first_index=index,
+                                      forward=forward, bar=bar, timer=timer, extra=extra)[unit.producer]
+            if hashing:
+                checkpoint.check_data(cfg.resume, data_seen, digest.all_reduce())
+                data_seen = digest.as_dict()
+            d = _decide(model, unit, stats, n_keep[unit.producer], cfg, timer,
+                        towards=sink.result() if sink is not None else None)
+            _apply(model, d, timer)
+            replay.commit(unit, d.indices)
+            if cfg.finetune is not None:
+                cfg.finetune(model, unit, index)
+            records.append(d.record().replace(replay=source_pass.describe()))
+            overall.done(index, unit, int(d.indices.numel()), d.error_reconstructed)
+            if cfg.resume and checkpoint.writes_checkpoints():
+                checkpoint.save_checkpoint(cfg.resume, model, cfg, source, records, data_seen)
+    finally:
+        overall.close()
     if digest is not None and digest.images == 0 and data_seen is not None:
         # every unit came from the checkpoint: still check that the data is its data
         for x in iter_batches(data, spec.num_images, device):
@@ -132,7 +140,7 @@ def run_oneshot(model: nn.Module, units: list[Unit], n_keep: dict[str, int], dat
     """One pass collects every unit's statistics (unless the budget pass already did);
     ThiNet's greedy runs as one batched call."""
     if stats is None:
-        with progress_bar(spec.num_images, "statistics (one-shot)", cfg.progress) as bar:
+        with progress_bar(spec.pass_images, "statistics (one-shot)", cfg.progress) as bar:
             stats = collect_units(model, units, iter_batches(data, spec.num_images, device), spec, bar=bar,
                                   timer=timer)
     selections = [None] * len(units)

@@ -174,10 +174,19 @@ def _load(path: Path, s: StudySettings, log) -> dict:
     return {run_key(r): r for r in old.get("runs", [])}
 
 
+def _compact(r: dict) -> dict:
+    """The plots read greedy curves at keep 0.5, sequential only; elsewhere they would
+    make study.json megabytes of numbers nobody reads."""
+    keep_curves = r["keep"] == 0.5 and r["schedule"] == "sequential"
+    units = [{**u, "error_curve": [float(f"{e:.4g}") for e in u["error_curve"]] if keep_curves else []}
+             for u in r["units"]]
+    return {**r, "units": units}
+
+
 def _write(path: Path, s: StudySettings, originals: dict, runs: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"context": s.context(), "originals": originals, "runs": list(runs.values())},
-                              indent=1))
+    body = {"context": s.context(), "originals": originals, "runs": [_compact(r) for r in runs.values()]}
+    tmp.write_text(json.dumps(body, separators=(",", ":")))
     os.replace(tmp, path)
 
 

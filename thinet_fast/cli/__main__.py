@@ -1,0 +1,6 @@
+"""``python -m thinet_fast.cli`` is ``thinet-fast``."""
+import sys
+
+from . import main
+
+sys.exit(main())
