@@ -109,6 +109,7 @@ def test_round_to_keeps_widths_at_multiples(folder, tmp_path):
     units = json.loads(js.read_text())["units"]
     print([(u["channels"], u["kept"]) for u in units])
     assert units and all(u["kept"] % 8 == 0 for u in units)
+    assert all(u["pass_seconds"] > 0 for u in units)  # the run log's statistics time per unit
     assert any(round(u["channels"] * 0.3) % 8 for u in units)  # the rounding did something
 
 
@@ -234,3 +235,24 @@ def test_progress_has_one_weighted_bar_and_a_line_per_finished_unit(capsys):
     lines = [line for line in (out.out + out.err).splitlines() if line.startswith("[")]
     assert any(line.startswith(f"[1/{len(units)}] features.0 -> features.4: kept 4/8, error ") for line in lines), lines
     assert sum(" -> " in line for line in lines) == len(units)
+
+
+def test_report_plot_writes_the_prune_plots_from_the_saved_model(folder, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "p.pt"
+    assert main(_prune_args(folder, "--keep", "0.5", "--output", str(out), "--plot", str(tmp_path / "a"))) == 0
+    assert main(["report", "--model", str(out), "--image-size", "32", "--plot", str(tmp_path / "b")]) == 0
+    for d in ("a", "b"):
+        names = sorted(p.name for p in (tmp_path / d).glob("*.png"))
+        assert names == ["allocation.png", "greedy-curves.png", "kept-channels.png"], names
+        for p in (tmp_path / d).glob("*.png"):
+            blob = p.read_bytes()
+            assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 10_000, (p, len(blob))
+    from PIL import Image
+    with Image.open(tmp_path / "b" / "greedy-curves.png") as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+    # a model without a prune report says what --plot needs, before any measuring
+    plain = tmp_path / "plain.pt"
+    tf.save(tf.models.DemoVGG(), plain)
+    assert main(["report", "--model", str(plain), "--plot", str(tmp_path / "c")]) == 2
+    assert "--prune-json" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from .pipeline import DryRun, PruneConfig, PruneResult, collect_statistics, dry_
 from .pipeline.config import BACKENDS, METHODS, RECONSTRUCTIONS, SCHEDULES, STATISTICS
 from .pipeline.methods import Method, SelectContext, Selection, get_method, method_names, register_method
 from .training import evaluate, finetune, finetune_callback
-from . import data, demo, models, presets, report
+from . import data, demo, models, presets, report, report_plots
 
 __version__ = "0.1.0"
 

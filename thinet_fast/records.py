@@ -22,6 +22,8 @@ class UnitRecord:
             original weights; error_reconstructed: after reconstruction, on held-out
             images when ``heldout_images`` > 0 (else in sample).
         seconds: wall time of the decision; notes: what the run noticed.
+        pass_seconds: wall time of the unit's own statistics pass (forward, hooks),
+            sequential schedule; 0 where one pass serves every unit (one-shot).
         statistics_backend, selection_backend: where the kernels ran.
         ridge: the relative ridge of the reconstruction (None: no solve).
         replay: where the unit's statistics pass started (sequential schedule).
@@ -47,6 +49,7 @@ class UnitRecord:
     ridge: Optional[float] = None
     replay: Optional[str] = None
     error_curve: tuple = ()
+    pass_seconds: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "notes", tuple(self.notes))

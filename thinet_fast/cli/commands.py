@@ -119,9 +119,23 @@ def _prune_config(args, dev: torch.device) -> tf.PruneConfig:
         raise CLIError(msg) from None
 
 
+def _check_plot_dir(path: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CLIError("--plot needs matplotlib: pip install 'thinet_fast[plots]'") from None
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"--plot {path!r}: cannot create the folder ({exc})") from None
+    check_writable(str(Path(path) / "kept-channels.png"), "--plot")
+
+
 def cmd_prune(args):
     dev = _start(args, "prune")
     _check_outputs(args)
+    if args.plot:
+        _check_plot_dir(args.plot)
     cfg = _prune_config(args, dev)
     phases, t0 = {}, time.perf_counter()
     model = load_model(args.model, args.weights, args.num_classes)
@@ -173,8 +187,11 @@ def cmd_prune(args):
                 stats.backward_ms = train32[max(train32)]["median_ms"]
         phases["evaluate"] = time.perf_counter() - t0
     print(result.report.table())
-    if args.output:
-        tf.save(result.model, args.output)
+    if args.plot:
+        for path in tf.report_plots.write_report_plots(result.report.units, args.plot, title=args.model):
+            print(f"wrote {path}")
+    if args.output:  # the report travels with the model: `report --plot` reads it back
+        tf.save(result.model, args.output, meta={"report": json.loads(result.report.to_json())})
         _save_options(args)
         print(f"saved the pruned model to {args.output} (options in {config_path(args.output)})")
     body = result.report.to_dict()
@@ -205,6 +222,9 @@ def cmd_inspect(args):
 def cmd_report(args):
     dev = _start(args, "report")
     _check_outputs(args)
+    if args.plot:
+        _check_plot_dir(args.plot)
+        _prune_units(args)  # fail now if there is nothing to plot
     eval_data = args.eval_data or args.eval_data_alias
     sizes = _batch_sizes(args.speed_batch_sizes)
     t0 = time.perf_counter()
@@ -237,9 +257,25 @@ def cmd_report(args):
         print(tf.report.comparison(stats, ref))
     for which, table in speed.items():
         print(f"speed ({which}):\n" + tf.report.latency_table(table))
+    if args.plot:
+        for path in tf.report_plots.write_report_plots(_prune_units(args), args.plot, title=args.model):
+            print(f"wrote {path}")
     body = rep.to_dict()
     body.update(speed=speed, run=_run_info(dev, phases))
     _write_json(args.json, body)
+
+
+def _prune_units(args) -> list:
+    """The unit records of the prune that made ``--model``: from --prune-json, or from
+    the file itself (``prune --output`` stores its report in the file's meta)."""
+    if args.prune_json:
+        return json.loads(Path(args.prune_json).read_text()).get("units", [])
+    if Path(args.model).is_file():
+        report = tf.load_meta(args.model).get("report")
+        if report:
+            return report.get("units", [])
+    raise CLIError("--plot needs the prune's report: a model saved by `thinet-fast prune --output`, or "
+                   "--prune-json FILE (the JSON `prune --json` wrote)")
 
 
 # ---------------------------------------------------------------- finetune

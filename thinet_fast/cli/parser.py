@@ -78,6 +78,7 @@ def _prune_options(p):
     p.add_argument("--finetune-steps", type=int, default=0, help="fine-tune steps after each unit (paper: a short one)")
     p.add_argument("--lr", type=float, default=1e-3, help="per-unit fine-tune learning rate (paper: 1e-3)")
     p.add_argument("--output", help="where to save the pruned model (thinet_fast.save format)")
+    p.add_argument("--plot", help="write PNG plots here: kept channels, greedy error curves, allocation")
     p.add_argument("--dry-run", action="store_true", help="print the planned widths, parameters and FLOPs per unit "
                                                            "and stop (no statistics)")
     _eval(p)
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", dest="eval_data_alias", help=argparse.SUPPRESS)  # the old name of --eval-data
         p.add_argument("--original", help="the unpruned model (path or name) to compare against")
         p.add_argument("--original-weights", help="state-dict for --original")
+        p.add_argument("--plot", help="write the prune's PNG plots here (kept channels, greedy curves, allocation)")
+        p.add_argument("--prune-json", help="with --plot: the JSON `prune --json` wrote (default: the report "
+                                            "stored in a --model file saved by `prune --output`)")
         p.set_defaults(fn=C.cmd_report)
 
     p = sub.add_parser("finetune", help="fine-tune a (pruned) model, optionally distilling from a teacher",

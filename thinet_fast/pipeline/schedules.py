@@ -96,9 +96,11 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
                                  cfg.seed * 1000003 + index, spec.samples_per_image)
                 forward = paired_forward(reference, unit, sink, forward or model)
                 extra = {unit.consumer: sink.update}
+            t_pass = time.perf_counter()
             with progress_bar(spec.pass_images, f"[{index + 1}/{len(units)}] {unit.consumer}", cfg.progress) as bar:
                 stats = collect_units(model, [unit], batches, spec, first_index=index,
                                       forward=forward, bar=bar, timer=timer, extra=extra)[unit.producer]
+            t_pass = time.perf_counter() - t_pass
             if hashing:
                 checkpoint.check_data(cfg.resume, data_seen, digest.all_reduce())
                 data_seen = digest.as_dict()
@@ -108,7 +110,7 @@ def run_sequential(model: nn.Module, units: list[Unit], n_keep: dict[str, int], 
             replay.commit(unit, d.indices)
             if cfg.finetune is not None:
                 cfg.finetune(model, unit, index)
-            records.append(d.record().replace(replay=source_pass.describe()))
+            records.append(d.record().replace(replay=source_pass.describe(), pass_seconds=t_pass))
             overall.done(index, unit, int(d.indices.numel()), d.error_reconstructed)
             if cfg.resume and checkpoint.writes_checkpoints():
                 checkpoint.save_checkpoint(cfg.resume, model, cfg, source, records, data_seen)
