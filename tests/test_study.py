@@ -22,7 +22,12 @@ def test_study_end_to_end_writes_tables_plots_and_resumes(tmp_path, monkeypatch,
     pytest.importorskip("matplotlib")
     monkeypatch.setenv("THINET_FAST_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "results"
-    assert main(["study", "--quick", "--out", str(out)]) == 0
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- study:start -->\nold\n<!-- study:end -->\ntail\n")
+    assert main(["study", "--quick", "--out", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("<!-- study:end -->\ntail\n") and "| `thinet_exact` |" in text
+    assert "](results/vgg-sequential-top1.png)" in text and "](results/study.md)" in text
     result = json.loads((out / "study.json").read_text())
     runs = result["runs"]
     assert {r["row"] for r in runs} == {"random", "thinet", "thinet_exact"}

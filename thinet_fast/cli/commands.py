@@ -359,4 +359,9 @@ def cmd_study(args):
     except OSError as exc:
         raise PermissionError(f"--out {s.out!r}: cannot create the folder ({exc})") from None
     check_writable(str(Path(s.out) / "study.json"), "--out")
-    study.write_study(s, resume=not args.fresh, plots=not args.no_plots)
+    if args.readme:
+        check_writable(args.readme, "--readme")
+        if "<!-- study:start -->" not in Path(args.readme).read_text():
+            raise CLIError(f"--readme {args.readme}: put <!-- study:start --> and <!-- study:end --> where the "
+                           "table goes")
+    study.write_study(s, resume=not args.fresh, plots=not args.no_plots, readme=args.readme)

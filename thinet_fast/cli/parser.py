@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="ignore the runs already in <out>/study.json")
     p.add_argument("--no-cache", action="store_true", help="retrain the models instead of reusing the cache")
     p.add_argument("--out", help="output folder (default bench/results)")
+    p.add_argument("--readme", help="also write the compact table between this file's <!-- study:start --> and "
+                                    "<!-- study:end --> markers (e.g. README.md)")
     p.set_defaults(fn=C.cmd_study)
 
     p = sub.add_parser("backends", help="which kernel backends are available here, and why not")

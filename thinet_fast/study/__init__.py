@@ -3,6 +3,7 @@ methods, the exact variants and the ablation grid on Fashion-MNIST, with the mar
 table and PNG plots under ``bench/results/``."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .run import ABLATION_AXES, BASELINES, ROWS, StudySettings, ablation_variants, planned, run_study
@@ -12,9 +13,11 @@ __all__ = ["ABLATION_AXES", "BASELINES", "ROWS", "StudySettings", "ablation_vari
            "aggregate", "markdown", "write_study"]
 
 
-def write_study(s: StudySettings | None = None, *, resume: bool = True, plots: bool = True, log=print) -> Path:
-    """Run (or finish) the study, then write ``study.md`` and the plots under ``s.out``;
-    returns the markdown's path."""
+def write_study(s: StudySettings | None = None, *, resume: bool = True, plots: bool = True, log=print,
+                readme: str | Path | None = None) -> Path:
+    """Run (or finish) the study, then write ``study.md`` and the plots under ``s.out``
+    and, with ``readme``, its compact table between the file's ``<!-- study:start -->``
+    and ``<!-- study:end -->`` markers; returns the markdown's path."""
     s = s or StudySettings()
     result = run_study(s, resume=resume, log=log)
     made = {}
@@ -23,5 +26,11 @@ def write_study(s: StudySettings | None = None, *, resume: bool = True, plots: b
         made = write_plots(result, Path(s.out))
     path = Path(s.out) / "study.md"
     path.write_text(markdown(result, made))
+    if readme is not None:
+        from .summary import readme_section, replace_between
+        readme = Path(readme)
+        prefix = os.path.relpath(Path(s.out).resolve(), readme.resolve().parent).replace(os.sep, "/") + "/"
+        readme.write_text(replace_between(readme.read_text(), readme_section(result, made, prefix)))
+        log(f"study: updated {readme}")
     log(f"study: wrote {path}" + (f" and {sum(map(len, made.values()))} plots" if made else ""))
     return path

@@ -60,6 +60,7 @@ class StudySettings:
     schedules: tuple[str, ...] = ("sequential", "oneshot")
     seeds: tuple[int, ...] = (0, 1, 2)
     finetune_schedules: tuple[str, ...] = ("sequential",)  # one-shot rows: accuracy right after pruning
+    oneshot_seeds: tuple[int, ...] = (0,)  # the one-shot comparison is cheap to read from one seed
     ablation: bool = True            # the grid, at ablation_keep, sequential, no fine-tune
     ablation_keep: float = 0.5
     ablation_seeds: tuple[int, ...] = (0,)
@@ -99,8 +100,8 @@ class StudySettings:
 
     def context(self) -> dict:
         """The settings a run's figures depend on, beyond its own key."""
-        skip = {"models", "rows", "keeps", "schedules", "seeds", "finetune_schedules", "ablation", "ablation_keep",
-                "ablation_seeds", "cache", "out"}
+        skip = {"models", "rows", "keeps", "schedules", "seeds", "finetune_schedules", "oneshot_seeds", "ablation",
+                "ablation_keep", "ablation_seeds", "cache", "out"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -121,11 +122,14 @@ def ablation_variants() -> list[tuple[str, dict]]:
 
 
 def planned(s: StudySettings) -> list[dict]:
-    """Every run of the study, in order: (model, row, keep, schedule, seed, options, finetune)."""
+    """Every run of the study, seed by seed (a cut-short study still covers every model),
+    as (model, row, keep, schedule, seed, options, finetune)."""
     runs = []
-    for model in s.models:
-        for seed in s.seeds:
+    for seed in s.seeds:
+        for model in s.models:
             for schedule in s.schedules:
+                if schedule == "oneshot" and seed not in s.oneshot_seeds:
+                    continue
                 for keep in s.keeps:
                     for row in s.rows:
                         runs.append(dict(model=model, row=row, keep=keep, schedule=schedule, seed=seed,

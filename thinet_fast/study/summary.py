@@ -155,3 +155,42 @@ def markdown(result: dict, plots: dict | None = None) -> str:
     parts += ["", "## Where a ThiNet variant loses to a baseline", ""]
     parts += [f"- {x}" for x in lost] or ["- nowhere in this run"]
     return "\n".join(parts) + "\n"
+
+
+def readme_section(result: dict, plots: dict | None = None, prefix: str = "bench/results/") -> str:
+    """The compact version for the README: per model, top-1 before fine-tuning at every
+    keep and after the KD fine-tune at keep 0.5 (sequential), the targets, and the
+    plots; the full tables are in study.md."""
+    agg = aggregate(result)
+    ctx = result["context"]
+    parts = [f"Fashion-MNIST test set, sequential schedule, mean ± sd over seeds; {10 * ctx['calib_per_class']} "
+             f"calibration images; fine-tune: {ctx['finetune_steps']} steps with distillation. "
+             f"Full tables, one-shot and the ablation grid: [{prefix}study.md]({prefix}study.md).", ""]
+    for model, orig in result["originals"].items():
+        keeps = keeps_of(agg, model, "sequential")
+        if not keeps:
+            continue
+        head = ["method"] + [f"keep {k:g}" for k in keeps] + ["keep 0.5 + KD fine-tune"]
+        parts += [f"**{MODEL_NAMES.get(model, model)}** (original {100 * orig['top1']:.2f}%), top-1 (%) "
+                  "before fine-tuning:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in rows_of(agg, model, "sequential"):
+            cells = [f"`{row}`"] + [_pct(agg[(model, row, "sequential", k)]["top1"])
+                                     if (model, row, "sequential", k) in agg else "–" for k in keeps]
+            a = agg.get((model, row, "sequential", 0.5))
+            cells.append(_pct(a["top1_kd"]) if a else "–")
+            parts.append("| " + " | ".join(cells) + " |")
+        parts.append("")
+    parts += ["Targets (issue 11):", ""] + [f"- {t}" for t in targets(result, agg)] + [""]
+    for model, files in (plots or {}).items():
+        shown = [f for f in files if f.endswith("sequential-top1.png")]
+        parts += [f"![{f}]({prefix}{f})" for f in shown]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def replace_between(text: str, body: str, start: str = "<!-- study:start -->", end: str = "<!-- study:end -->") -> str:
+    """``text`` with everything between the markers replaced by ``body``."""
+    if start not in text or end not in text:
+        raise ValueError(f"the markers {start} and {end} are not both in the file")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}{end}{tail}"
