@@ -256,3 +256,18 @@ def test_report_plot_writes_the_prune_plots_from_the_saved_model(folder, tmp_pat
     tf.save(tf.models.DemoVGG(), plain)
     assert main(["report", "--model", str(plain), "--plot", str(tmp_path / "c")]) == 2
     assert "--prune-json" in capsys.readouterr().err
+
+
+def test_params_and_flops_budgets_through_the_cli(folder, tmp_path, capsys):
+    js = tmp_path / "b.json"
+    assert main(_prune_args(folder, "--params-target", "0.5", "--flops-target", "0.6", "--json", str(js))) == 0
+    body = json.loads(js.read_text())
+    p0, p1 = body["original"]["params"], body["pruned"]["params"]
+    f0, f1 = body["original"]["flops"], body["pruned"]["flops"]
+    print(p1 / p0, f1 / f0)
+    assert p1 <= 0.5 * p0 and f1 <= 0.6 * f0
+    assert main(_prune_args(folder, "--params-target", "lots")) == 2
+    assert "--params-target" in capsys.readouterr().err
+    assert main(_prune_args(folder, "--params-target", "0.5", "--keep", "0.5")) == 2
+    err = capsys.readouterr().err
+    assert "--keep" in err and "--params-target" in err, err

@@ -53,7 +53,12 @@ def main(argv=None) -> int:
     args = None
     try:
         _with_config(ap, argv)
-        args = ap.parse_args(argv)
+        try:
+            args = ap.parse_args(argv)
+        except SystemExit as exc:  # argparse printed the usage and the error
+            if exc.code in (0, None):
+                raise
+            return int(exc.code)
         args.fn(args)
     except KeyboardInterrupt:
         print(f"\n{_interrupted(args)}", file=sys.stderr)

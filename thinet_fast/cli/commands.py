@@ -103,8 +103,8 @@ def _prune_config(args, dev: torch.device) -> tf.PruneConfig:
                    schedule=args.schedule, samples_per_image=args.samples_per_image, seed=args.seed,
                    device=str(dev), backend=args.backend, resume=args.resume, target=args.target,
                    through_norm=args.through_norm, coupled=args.coupled, keep=args.keep, preset=args.preset,
-                   flops_target=args.flops_target, round_to=round_to)
-    if args.flops_target is not None:
+                   flops_target=args.flops_target, params_target=args.params_target, round_to=round_to)
+    if args.flops_target is not None or args.params_target is not None:
         options["min_keep"] = args.min_keep
     if args.num_images is not None:
         options["num_images"] = args.num_images
@@ -114,7 +114,8 @@ def _prune_config(args, dev: torch.device) -> tf.PruneConfig:
         return tf.PruneConfig(**options)
     except (TypeError, ValueError) as exc:  # say it with the CLI's names
         msg = str(exc)
-        for name in ("keep", "preset", "flops_target", "min_keep", "num_images", "round_to", "coupled"):
+        for name in ("keep", "preset", "flops_target", "params_target", "min_keep", "num_images", "round_to",
+                     "coupled"):
             msg = msg.replace(f"{name}=", f"--{name.replace('_', '-')} ")
         raise CLIError(msg) from None
 

@@ -12,6 +12,14 @@ from . import commands as C
 HELP = argparse.ArgumentDefaultsHelpFormatter
 
 
+def _fraction_or_count(text: str):
+    """A budget: a fraction (0.5) or an absolute count (5000000)."""
+    try:
+        return int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction such as 0.5 nor a count such as 5000000")
+
+
 def _api(name: str):
     """finetune()'s own default, so the CLI and the API never disagree."""
     return inspect.signature(tf.finetune).parameters[name].default
@@ -52,9 +60,13 @@ def _prune_options(p):
     p.add_argument("--preset", choices=sorted(tf.presets.PRESETS), help="a paper configuration (instead of --keep)")
     p.add_argument("--keep", type=float, help="fraction of channels every unit keeps (default 0.5 unless --preset "
                                               "or --flops-target)")
-    p.add_argument("--flops-target", type=float, help="keep this fraction of the FLOPs; per-unit keep from the "
-                                                       "greedy error curves (instead of --keep)")
-    p.add_argument("--min-keep", type=float, default=0.1, help="with --flops-target: the least fraction a unit keeps")
+    p.add_argument("--flops-target", type=_fraction_or_count,
+                   help="keep this fraction (or count per image) of the FLOPs; per-unit keep from the greedy "
+                        "error curves (instead of --keep)")
+    p.add_argument("--params-target", type=_fraction_or_count,
+                   help="keep this fraction (or count) of the parameters; with --flops-target both are met")
+    p.add_argument("--min-keep", type=float, default=0.1,
+                   help="with a budget (--flops-target/--params-target): the least fraction a unit keeps")
     p.add_argument("--round-to", default="auto", help="kept channels a multiple of N (auto: 8 on CUDA, none on CPU; "
                                                       "1: none)")
     p.add_argument("--units", help="comma list of producer module names to prune (default: every unit)")

@@ -28,10 +28,19 @@ class PruneConfig:
     Attributes:
         keep: fraction of channels to keep (0 < keep <= 1), for every unit, or a dict
             producer fqn -> fraction (float) or channel count (int). Units absent from
-            a dict are not pruned. Default 0.5 unless ``flops_target`` or ``preset``.
-        flops_target: instead of ``keep``: the fraction of the model's FLOPs to keep;
-            per-unit keep counts are allocated from the greedy error curves (DESIGN §6).
-        min_keep: with ``flops_target``: the fraction every unit keeps at least.
+            a dict are not pruned. Default 0.5 unless a budget (``flops_target`` /
+            ``params_target``) or ``preset``.
+        flops_target: instead of ``keep``: the FLOPs to keep, a fraction in (0, 1) of the
+            model's or an absolute count (an int >= 1 below the model's; per image at the
+            calibration input size); per-unit keep counts are allocated from the greedy
+            error curves of one statistics pass (DESIGN §6, ``pipeline.budget``).
+        params_target: instead of ``keep``: the parameters to keep, a fraction in (0, 1)
+            of the model's (``count_params``) or an absolute count (an int >= 1 below
+            it). With ``flops_target`` too, the allocation meets both: each channel
+            removed is the cheapest in error per unit of the target furthest from
+            being met. Plain units only (not with ``coupled="prune"``).
+        min_keep: with ``flops_target`` / ``params_target``: the fraction every unit
+            keeps at least.
         method: "thinet" (greedy removal, ICCV), "thinet_ls" (forward least squares,
             journal), or the baselines "random", "weight_sum", "apoz", "lasso".
         statistics: "sampled" (paper), "full" (exact over every output), "direct"
@@ -93,10 +102,11 @@ class PruneConfig:
             itself. None: no rounding; an int N >= 1; "auto" (default): 8 when the run's
             device is CUDA, no rounding on the CPU. A unit narrower than N keeps its
             count; an explicit int in a ``keep`` dict is kept as given; the presets keep
-            the paper's widths unless ``round_to`` is an int. With ``flops_target`` the
-            allocation is rounded, then narrowed a step at a time while over the target
-            (least error rise first) and widened into slack that is left; see
-            :mod:`thinet_fast.pipeline.keeps` and ``pipeline.budget.allocate_flops``.
+            the paper's widths unless ``round_to`` is an int. With a budget
+            (``flops_target`` / ``params_target``) the allocation is rounded, then
+            narrowed a step at a time while over a target (least error rise first) and
+            widened into slack that is left; see :mod:`thinet_fast.pipeline.keeps` and
+            ``pipeline.budget.allocate``.
     """
 
     keep: float | Mapping[str, float | int] | None = None
@@ -118,7 +128,8 @@ class PruneConfig:
     replay_memory: int | None = None
     inplace: bool = False
     preset: str | None = None
-    flops_target: float | None = None
+    flops_target: float | int | None = None
+    params_target: float | int | None = None
     min_keep: float = 0.1
     stats_dtype: torch.dtype = torch.float32
     ridge: float = 1e-8
@@ -154,13 +165,17 @@ class PruneConfig:
         if self.coupled == "prune" and self.preset is not None:
             raise ValueError("the paper presets prune plain chains only, as the paper did; drop coupled='prune' "
                              "or preset=")
-        if self.coupled == "prune" and self.flops_target is not None:
-            raise ValueError("flops_target= allocates over plain units only; with coupled='prune' give keep=")
-        chosen = [n for n in ("keep", "preset", "flops_target") if getattr(self, n) is not None]
-        if len(chosen) > 1:
-            raise ValueError(f"give one of keep=, preset= or flops_target=; got {', '.join(chosen)}")
-        if self.flops_target is not None and not 0.0 < self.flops_target < 1.0:
-            raise ValueError(f"flops_target={self.flops_target} must lie in (0, 1): the fraction of FLOPs to keep")
+        self.flops_target = _budget_target("flops_target", self.flops_target, "FLOPs")
+        self.params_target = _budget_target("params_target", self.params_target, "parameters")
+        for name in ("flops_target", "params_target"):
+            if self.coupled == "prune" and getattr(self, name) is not None:
+                raise ValueError(f"{name}= allocates over plain units only; with coupled='prune' give keep=, "
+                                 f"or drop coupled='prune' to keep {name}=")
+        chosen = [n for n in ("keep", "preset") if getattr(self, n) is not None]
+        targets = [n for n in ("flops_target", "params_target") if getattr(self, n) is not None]
+        if len(chosen) + bool(targets) > 1:  # the two targets go together; keep/preset with nothing else
+            raise ValueError(f"give one of keep=, preset= or a budget (flops_target= and/or params_target=); "
+                             f"got {', '.join(chosen + targets)}")
         if not 0.0 < self.min_keep <= 1.0:
             raise ValueError(f"min_keep={self.min_keep} must lie in (0, 1]")
         if isinstance(self.keep, Mapping):
@@ -216,7 +231,8 @@ class PruneConfig:
     def fingerprint(self) -> dict:
         """The options that decide the result (a resumed run must match them)."""
         keys = ("keep", "method", "statistics", "reconstruction", "bias_compensation", "schedule",
-                "num_images", "samples_per_image", "seed", "units", "preset", "ridge", "flops_target", "min_keep", "holdout",
+                "num_images", "samples_per_image", "seed", "units", "preset", "ridge", "flops_target", "params_target",
+                "min_keep", "holdout",
                 "coupled", "ignored_layers", "target", "through_norm", "round_to")
         out = {k: getattr(self, k) for k in keys}
         out["keep"] = dict(self.keep) if isinstance(self.keep, Mapping) else self.keep
@@ -230,6 +246,27 @@ def _int(name, v, low, extra=""):
         raise TypeError(f"{name} must be an int{' ' + extra if extra else ''}; got {type(v).__name__} {v!r}")
     if low is not None and v < low:
         raise ValueError(f"{name} must be >= {low}{' ' + extra if extra else ''}; got {v}")
+
+
+def _budget_target(name, v, what):
+    """``flops_target`` / ``params_target``: None, a fraction in (0, 1) (a float) or an
+    absolute count (an int >= 1; numpy ints accepted). Whether a count is below the
+    model's is checked once the model is known (``pipeline.budget.budget_constraints``)."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a fraction in (0, 1) of the model's {what} (a float) or a count of "
+                        f"{what} (an int >= 1); got {type(v).__name__} {v!r}")
+    if isinstance(v, numbers.Integral):
+        if int(v) < 1:
+            raise ValueError(f"{name}={v}: a count of {what} must be >= 1; or give a fraction in (0, 1), "
+                             f"e.g. {name}=0.5")
+        return int(v)
+    v = float(v)
+    if not (math.isfinite(v) and 0.0 < v < 1.0):
+        hint = f"; for an absolute count pass an int, e.g. {name}={int(v)}" if math.isfinite(v) and v > 1 else ""
+        raise ValueError(f"{name}={v} must lie in (0, 1): the fraction of the model's {what} to keep{hint}")
+    return v
 
 
 def _round_to(v):

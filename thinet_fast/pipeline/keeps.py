@@ -7,16 +7,16 @@ One rounding rule per policy:
   like :func:`uniform`; an int is the exact count (at most C).
 - :func:`from_preset` (``preset=``): the preset's own rule, ``floor(C · fraction)`` by
   default, as in the paper's tables (see :mod:`thinet_fast.presets`).
-- the FLOPs budget (``flops_target=``, :func:`thinet_fast.pipeline.budget.allocate_flops`):
-  allocated from the greedy error curves, each unit keeping at least
-  :func:`min_counts` (``round(C · min_keep)``, at least 1).
+- the budget (``flops_target=`` and/or ``params_target=``,
+  :func:`thinet_fast.pipeline.budget.allocate`): allocated from the greedy error curves,
+  each unit keeping at least :func:`min_counts` (``round(C · min_keep)``, at least 1).
 
 Hardware-friendly widths (``round_to=N``, :func:`round_multiple`) then move each count
 to the nearest *valid width* (:func:`valid_widths`): a multiple of N in [N, C], or C
 itself (the unpruned width is always valid, also when C is not a multiple of N). A unit
 narrower than N keeps its count. Ties go to the wider count. They apply to fractions
 (uniform, per-unit, coupled groups) and to the budget (rounded after the allocation,
-then narrowed, or widened into slack, by whole steps: see ``allocate_flops``). An explicit
+then narrowed, or widened into slack, by whole steps: see ``budget.allocate``). An explicit
 int in a ``keep`` dict is the user's exact wish and is left as given; so are the
 presets' widths unless ``round_to`` is an explicit int. A coupled group of aligned
 blocks rounds its whole width (``pipeline.coupled._n_keep``).
@@ -116,7 +116,7 @@ def from_preset(plan: UnitPlan, preset, multiple: int = 1) -> dict[str, int]:
 
 
 def min_counts(plan_units, min_keep: float) -> list[int]:
-    """The FLOPs budget's floor per unit."""
+    """The budget's floor per unit (``flops_target`` / ``params_target``)."""
     return [max(1, int(round(min_keep * u.channels))) for u in plan_units]
 
 

@@ -59,12 +59,14 @@ class DryRun:
 def dry_run(model: nn.Module, example: torch.Tensor, config: PruneConfig | None = None, **options) -> DryRun:
     """The widths ``prune(model, data, config)`` would give, and what each unit saves,
     without reading any data beyond ``example`` (one input batch for the shapes). The
-    caller's model is not changed. ``flops_target=`` needs statistics: it is refused."""
+    caller's model is not changed. A budget (``flops_target=``, ``params_target=``)
+    needs statistics: it is refused."""
     from .prune import _config, _plan, run_device  # the same unit selection as prune()
 
     cfg = _config(config, options)
-    if cfg.flops_target is not None:
-        raise ValueError("dry_run: flops_target= allocates from statistics; give keep= or preset= to plan widths")
+    for name in ("flops_target", "params_target"):
+        if getattr(cfg, name) is not None:
+            raise ValueError(f"dry_run: {name}= allocates from statistics; give keep= or preset= to plan widths")
     preset = None
     if cfg.preset is not None:
         from ..presets import check_base, get_preset

@@ -13,7 +13,7 @@ from ..files import check_writable
 from ..report import Report, build_report
 from ..units import UnitPlan, UntraceableModelError, find_units, get_module
 from .coupled import CoupledStage
-from .budget import allocate_flops
+from .budget import allocate, budget_constraints
 from .calibrate import downstream_norms, recalibrate_batchnorm, running_norms
 from .collect import StatsSpec, collect_units, images_in, iter_batches, model_device, progress_bar
 from . import keeps
@@ -180,18 +180,20 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
         raise ValueError("no prunable units were selected; see the refused channels:\n" + str(plan)
                          + "\n(coupled='prune' prunes coupled channel groups too)")
     notes = [untraced] if untraced else []
-    stats = None
-    if cfg.flops_target is not None:
+    stats = budget = None
+    if cfg.flops_target is not None or cfg.params_target is not None:
+        targets = dict(flops_target=cfg.flops_target, params_target=cfg.params_target)
+        budget_constraints(work, example[:1], **targets)  # a count above the model's fails before any pass
         # the unpruned model's statistics: the one-shot schedule reuses them
         with progress_bar(spec.pass_images, "statistics (budget)", cfg.progress) as bar:
             stats = collect_units(work, plan.units, iter_batches(data, spec.num_images, device), spec, bar=bar,
                                   timer=timer)
         with timer.phase("selection"):
-            n_keep, _, note = allocate_flops(
-                work, plan.units, stats, example[:1], flops_target=cfg.flops_target, min_keep=cfg.min_keep,
-                backend=selection_backend("thinet", cfg.backend, device),
-                multiple=keeps.round_multiple(cfg.round_to, device))
-        notes.append(note)
+            budget = allocate(work, plan.units, stats, example[:1], **targets, min_keep=cfg.min_keep,
+                              backend=selection_backend("thinet", cfg.backend, device),
+                              multiple=keeps.round_multiple(cfg.round_to, device))
+        n_keep = budget.keep
+        notes.append(budget.note)
     else:
         n_keep = keeps.for_config(plan, cfg, preset, device)
     multiple = keeps.round_multiple(cfg.round_to, device, preset=preset is not None)
@@ -229,7 +231,8 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
         notes.append(f"re-estimated {n_bn} BatchNorm layers{why} on {cfg.num_images} calibration images")
     with timer.phase("report"):
         report = build_report(work, example[:1], reference=model, units=records,
-                              config={**cfg.fingerprint(), "round_to_multiple": multiple},
+                              config={**cfg.fingerprint(), "round_to_multiple": multiple,
+                                      **({"budget": budget.info()} if budget is not None else {})},
                               backend=_backends_used(records), notes=notes)
     report.timings = timer.as_dict()
     if cfg.inplace:
