@@ -163,11 +163,11 @@ def test_coupled_stage_is_checkpointed_and_resumes_exactly(tmp_path, monkeypatch
     monkeypatch.setattr(coupled, "run_coupled", crash)  # interrupted in the coupled stage
     with pytest.raises(KeyboardInterrupt):
         tf.prune(model, x, resume=str(path), **OPTS)
-    meta = torch.load(path, weights_only=True)["meta"]
+    meta = tf.load_meta(path)
     assert "coupled" not in meta and [r["producer"] for r in meta["records"]] == ["conv1"]
     monkeypatch.setattr(coupled, "run_coupled", real)
     got = tf.prune(model, x, resume=str(path), **OPTS)
-    meta = torch.load(path, weights_only=True)["meta"]
+    meta = tf.load_meta(path)
     assert "coupled" in meta and len(meta["records"]) == 2
     for (k, a), (_, b) in zip(want.state_dict().items(), got.model.state_dict().items()):
         assert a.shape == b.shape and torch.equal(a, b), k

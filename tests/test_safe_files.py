@@ -1,7 +1,9 @@
 """Files we read run no code; files we write are replaced atomically (issue 8)."""
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import pickle
 import sys
@@ -13,7 +15,7 @@ from torch import nn
 
 import thinet_fast as tf
 from thinet_fast import architecture
-from thinet_fast.serialization import FORMAT, load, save
+from thinet_fast.serialization import FORMAT, FORMATS, load, save
 
 
 class _Boom:
@@ -33,10 +35,31 @@ def _payload(**fields):
     return base
 
 
-def test_crafted_skeleton_is_never_unpickled_by_default(tmp_path):
+def _edit_safetensors(path, edit, out=None):
+    """Rewrite the thinet_fast JSON in a safetensors model file's header with
+    ``edit(payload_json)``: what a crafted file could say."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    doc = json.loads(header["thinet_fast"])
+    edit(doc["payload"])
+    save_file(tensors, str(out or path), metadata={**header, "thinet_fast": json.dumps(doc)})
+    return out or path
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_crafted_skeleton_is_never_unpickled_by_default(tmp_path, fmt):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save(_payload(skeleton=pickle.dumps(_Boom(str(marker)))), path)
+    evil = pickle.dumps(_Boom(str(marker)))
+    if fmt == "torch":
+        torch.save(_payload(skeleton=evil), path)
+    else:  # a real file whose description is dropped and whose skeleton is the payload
+        save(nn.Linear(2, 2), path)
+        _edit_safetensors(path, lambda p: p.update(architecture=None,
+                                                   skeleton={"$bytes": base64.b64encode(evil).decode()}))
     with pytest.raises(ValueError, match="unsafe_unpickle=True"):
         load(path)
     assert not marker.exists()
@@ -99,28 +122,34 @@ def test_torchvision_models_round_trip_without_pickle(name, tmp_path):
         assert float((load(path, base=fresh)(x) - model(x)).abs().max()) == 0.0
 
 
-def test_save_is_atomic_and_reuses_a_stale_tmp(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_save_is_atomic_and_reuses_a_stale_tmp(tmp_path, monkeypatch, fmt):
+    import safetensors.torch
+
     path = tmp_path / "m.pt"
     first = nn.Linear(3, 3)
-    save(first, path)
+    save(first, path, format=fmt)
     before = path.read_bytes()
     (tmp_path / "m.pt.tmp").write_bytes(b"stale half-written file")
 
-    real_save = torch.save
-
-    def dies_half_way(obj, f, *a, **k):
-        f.write(b"partial")
+    def dies_half_way(obj, f, *a, **k):  # torch.save(obj, f) or save_file(tensors, filename)
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as fh:
+                fh.write(b"partial")
+        else:
+            f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", dies_half_way)
-    with pytest.raises(KeyboardInterrupt):
-        save(nn.Linear(3, 3), path)
-    monkeypatch.setattr(torch, "save", real_save)
+    writer = (torch, "save") if fmt == "torch" else (safetensors.torch, "save_file")
+    with monkeypatch.context() as mp:
+        mp.setattr(*writer, dies_half_way)
+        with pytest.raises(KeyboardInterrupt):
+            save(nn.Linear(3, 3), path, format=fmt)
     assert path.read_bytes() == before  # the old file is whole
     assert not (tmp_path / "m.pt.tmp").exists()  # and the temporary is gone
     torch.testing.assert_close(load(path).weight, first.weight)
     (tmp_path / "m.pt.tmp").write_bytes(b"stale")
-    save(nn.Linear(3, 3), path)  # a stale temporary is overwritten
+    save(nn.Linear(3, 3), path, format=fmt)  # a stale temporary is overwritten
     assert not (tmp_path / "m.pt.tmp").exists()
 
 
@@ -137,10 +166,13 @@ def test_unwritable_paths_fail_before_any_work(tmp_path):
             save(nn.Linear(2, 2), ro / "m.pt")
 
 
-def _crafted(tmp_path, **root_attrs):
+def _crafted(tmp_path, fmt, **root_attrs):
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     path = tmp_path / "good.pt"
-    save(m, path)
+    save(m, path, format=fmt)
+    if fmt == "safetensors":  # the attributes are JSON there; these carry no $-tags
+        return _edit_safetensors(path, lambda p: p["architecture"]["modules"][0]["attrs"].update(root_attrs),
+                                 out=tmp_path / "crafted.pt")
     payload = torch.load(path, weights_only=True)
     payload["architecture"]["modules"][0]["attrs"].update(root_attrs)
     torch.save(payload, tmp_path / "crafted.pt")
@@ -165,9 +197,10 @@ def _crafted(tmp_path, **root_attrs):
     ({"coder": {"__object__": "torchvision.models.detection._utils:BoxCoder",
                 "state": {"__dict__": {"encode": {"__ref__": "torch:relu"}}}}}, "refused"),
 ])
-def test_crafted_attributes_are_refused(tmp_path, attrs, match):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_crafted_attributes_are_refused(tmp_path, attrs, match, fmt):
     with pytest.raises(ValueError, match=match):
-        load(_crafted(tmp_path, **attrs))
+        load(_crafted(tmp_path, fmt, **attrs))
 
 
 def test_plain_helper_objects_round_trip(tmp_path):

@@ -22,6 +22,7 @@ from .ops.stats import Statistics, StatsAccumulator
 from .units import Unit, UnitPlan, find_units
 from .rewrite import prune_unit_, prune_units
 from .serialization import load, load_meta, save
+from .export import OnnxExport, OnnxMismatch, export_onnx
 from .records import UnitRecord
 from .counting import count_flops, count_params, model_size_mb
 from .pipeline import DryRun, PruneConfig, PruneResult, collect_statistics, dry_run, prune, recalibrate_batchnorm
@@ -38,6 +39,7 @@ __all__ = [
     "ls_scale", "refit_full", "bias_compensation", "lasso_keep", "top_k",
     "ConsumerGeometry", "StatsAccumulator", "Statistics",
     "Unit", "UnitPlan", "find_units", "prune_unit_", "prune_units", "save", "load", "load_meta", "UnitRecord",
+    "export_onnx", "OnnxExport", "OnnxMismatch",
     "count_params", "count_flops", "model_size_mb",
     "PruneConfig", "PruneResult", "prune", "collect_statistics", "recalibrate_batchnorm",
     "Method", "Selection", "SelectContext", "register_method", "get_method", "method_names",

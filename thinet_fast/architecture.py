@@ -5,7 +5,7 @@ instance attributes (plain values: numbers, strings, tuples, lists, dicts, tenso
 dtypes; classes, functions and ``functools.partial`` by import name; plain helper
 objects such as torchvision's ``BoxCoder`` as their class and attributes), its parameter and
 buffer names, and the children in order. Everything in it loads with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)`` and encodes as JSON (:mod:`thinet_fast.safefile`).
 
 :func:`rebuild` makes the module tree again: each class is looked up by name (imported
 only from trusted packages), instantiated with ``cls.__new__`` and ``nn.Module.__init__``

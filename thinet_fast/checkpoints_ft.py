@@ -6,8 +6,8 @@ Checkpoint files are ordinary :func:`thinet_fast.save` model files (so
 training state under ``meta["finetune"]``: optimizer, scheduler and GradScaler state
 dicts, the step, the epoch and batches seen in it, the RNG states, the best and last
 validation metrics and the options. All of it is tensors and plain Python values, so
-the file reads with ``torch.load(weights_only=True)``: nothing in it is unpickled as
-code. Files are written atomically (``<path>.tmp``, then ``os.replace``).
+the file is read without unpickling anything (:func:`thinet_fast.serialization.read_payload`).
+Files are written atomically (``<path>.tmp``, then ``os.replace``).
 
 Data order: the batches of an epoch are a function of the random states at the moment
 the epoch's iterator is created (a ``DataLoader`` draws its shuffle permutation and its
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .files import atomic_write, check_writable
-from .serialization import FORMAT, load_meta, save
+from .serialization import FORMAT, load_meta, read_payload, save
 
 __all__ = ["STATE_FORMAT", "rng_state", "set_rng_state", "seed_all", "data_generators", "set_epoch",
            "one_pass", "write_checkpoint", "write_best", "best_step", "read_checkpoint", "saved_flags", "JsonLog"]
@@ -155,14 +155,12 @@ def best_step(path: str):
 
 
 def read_checkpoint(path: str) -> tuple[dict, dict]:
-    """(state_dict, training state) from a ``last.pt``; reads no code (weights_only)."""
+    """(state_dict, training state) from a ``last.pt``; reads no code."""
     again = "delete it or pass resume=False to start over"
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        why = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise ValueError(f"resume: {path!r} is not a readable fine-tune checkpoint ({type(exc).__name__}: "
-                         f"{why}); {again}") from exc
+        payload = read_payload(path, "cpu", keys=("state_dict", "meta"))
+    except (OSError, ValueError) as exc:  # read_payload's message names the path and what is wrong
+        raise ValueError(f"resume: {path!r} is not a readable fine-tune checkpoint ({exc}); {again}") from exc
     meta = payload.get("meta") if isinstance(payload, dict) else None
     state = meta.get("finetune") if isinstance(meta, dict) else None
     if payload.get("format") != FORMAT or not isinstance(state, dict) or state.get("format") != STATE_FORMAT:

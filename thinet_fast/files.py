@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Callable, BinaryIO
 
-__all__ = ["check_writable", "atomic_write"]
+__all__ = ["check_writable", "atomic_write", "atomic_write_path"]
 
 
 def check_writable(path, what: str) -> None:
@@ -31,12 +31,20 @@ def check_writable(path, what: str) -> None:
 
 def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(f)`` on ``<path>.tmp``, then replace ``path`` with it."""
+    def to_tmp(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+    atomic_write_path(path, to_tmp)
+
+
+def atomic_write_path(path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` with the path ``<path>.tmp`` (for writers that want a file
+    name, such as safetensors' ``save_file``), flush it to disk, then replace ``path``."""
     path = os.fspath(path)
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:  # fsync through any descriptor flushes the file's pages
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

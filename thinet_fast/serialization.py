@@ -1,10 +1,10 @@
 """Save and load pruned models without rebuilding their shapes by hand, and without
 running code from the file.
 
-File format (``torch.save`` of a plain dict; format tag ``"thinet_fast.model"``, version 2)::
+What a file holds (the *payload*; format tag ``"thinet_fast.model"``)::
 
     {
-      "format": "thinet_fast.model", "version": 2, "torch": "<torch version>",
+      "format": "thinet_fast.model", "version": 3, "torch": "<torch version>",
       "architecture": {...},            # the module tree as plain data (thinet_fast.architecture)
       "tensors": {...},                 # every parameter and buffer, for the architecture
       "state_dict": {...}, "state_metadata": {...},  # for load(base=...)
@@ -13,10 +13,23 @@ File format (``torch.save`` of a plain dict; format tag ``"thinet_fast.model"``,
       "training": {fqn: bool},
       "modules": {fqn: "module.Class"},   # the saved module tree
       "skeleton": None | b"...",        # only with save(skeleton=True): the pickled tree
-      "meta": {...},                    # caller's JSON-like metadata
+      "meta": {...},                    # caller's metadata: plain values and tensors
     }
 
-The whole file loads with ``torch.load(weights_only=True)``. Three ways back:
+Two containers:
+
+- version 3, the default (``save(format="safetensors")``): one safetensors file. The
+  tensors are safetensors tensors, the model's parameters and buffers under their own
+  names (``safetensors.torch.load_file(path)`` gives them as a state dict); the rest of
+  the payload is JSON in the same file's header metadata (:mod:`thinet_fast.safefile`).
+  One file, not weights plus a sibling JSON: a save is one atomic replace, a model is
+  one path to pass around, and the two halves cannot get out of step. Each distinct
+  tensor is stored once (tied parameters are tied again on load); views of shared
+  memory are stored as copies, non-contiguous tensors contiguously.
+- version 2 (``save(format="torch")``, and files written before version 3): a
+  ``torch.save`` of the payload, read with ``torch.load(weights_only=True)``.
+
+:func:`load` tells them apart by their first bytes. Three ways back:
 
 - ``load(path)``: rebuild the module tree from ``architecture`` (classes looked up by
   name, imported only from trusted packages; no constructor or other code from the
@@ -29,7 +42,9 @@ The whole file loads with ``torch.load(weights_only=True)``. Three ways back:
 - ``load(path, unsafe_unpickle=True)``: unpickle ``skeleton`` (runs pickled Python: only
   for files you trust; version-1 files and models that have no plain description).
 
-Files are written atomically (``<path>.tmp``, then ``os.replace``).
+Files are written atomically (``<path>.tmp``, then ``os.replace``). A damaged file (a
+bad safetensors header, metadata that does not decode) is refused with a ``ValueError``
+naming the path.
 """
 from __future__ import annotations
 
@@ -43,15 +58,16 @@ from typing import Any, BinaryIO, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import architecture
-from .files import atomic_write, check_writable
+from . import architecture, safefile
+from .files import atomic_write, atomic_write_path, check_writable
 from .units import get_module
 
-__all__ = ["save", "load", "load_meta", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save", "load", "load_meta", "read_payload", "FORMAT", "FORMAT_VERSION", "FORMATS"]
 
 FORMAT = "thinet_fast.model"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the safetensors container; 2 is the torch.save one
+READABLE_VERSIONS = (1, 2, 3)
+FORMATS = ("safetensors", "torch")
 
 PathLike = Union[str, os.PathLike, BinaryIO]
 
@@ -139,21 +155,29 @@ def _extra_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model: nn.Module, path: PathLike, *, meta: Optional[dict] = None, skeleton: bool = False) -> None:
+def save(model: nn.Module, path: PathLike, *, meta: Optional[dict] = None, skeleton: bool = False,
+         format: str = "safetensors") -> None:
     """Write ``model`` (pruned or not) so that :func:`load` gives it back as is.
 
     Args:
         model: the model.
         path: file path (written atomically; checked for writability first) or binary
             file object.
-        meta: optional metadata (plain Python values: str/int/float/bool/None, lists,
-            dicts), readable without the model via :func:`load_meta`.
+        meta: optional metadata (plain Python values: str/int/float/bool/None, bytes,
+            lists, tuples, dicts, and tensors), readable without the model via
+            :func:`load_meta`; anything else is refused here, not at load time.
         skeleton: also pickle the module tree. Useful only for models with no plain
             description (hooks, lambdas or other objects as attributes: save warns);
             such a file loads with ``base=``, or ``unsafe_unpickle=True`` with this.
+        format: ``"safetensors"`` (version 3: one safetensors file, the architecture and
+            ``meta`` in its header; any extension works, ``.safetensors`` tells other
+            tools what it is) or ``"torch"`` (version 2: ``torch.save`` of the payload,
+            as thinet_fast wrote before). :func:`load` reads both.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save: expected an nn.Module, got {type(model).__name__}")
+    if format not in FORMATS:
+        raise ValueError(f"save: format must be one of {FORMATS}, got {format!r}")
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         raise ValueError("save: the model has meta tensors (no data); materialise it first")
     named = isinstance(path, (str, os.PathLike))
@@ -170,7 +194,7 @@ def save(model: nn.Module, path: PathLike, *, meta: Optional[dict] = None, skele
     sd = model.state_dict()
     payload = {
         "format": FORMAT,
-        "version": FORMAT_VERSION,
+        "version": FORMAT_VERSION if format == "safetensors" else 2,
         "torch": str(torch.__version__),
         "architecture": desc,
         "tensors": architecture.tensors_of(model),
@@ -192,31 +216,80 @@ def save(model: nn.Module, path: PathLike, *, meta: Optional[dict] = None, skele
                 f"save: cannot pickle the module tree of {type(model).__name__} ({type(exc).__name__}: {exc}). "
                 "Remove hooks/lambdas from the model, or pass skeleton=False and load with base=<same architecture>."
             ) from exc
-    if named:
+    if format == "safetensors":
+        try:  # encoded before any file is touched: an unsupported meta value fails here
+            tensors, header = safefile.encode(payload)
+        except TypeError as exc:
+            raise TypeError(f"save: {exc}") from None
+        st = safefile.library()
+        if named:  # save_file streams from the tensors: no second copy of the model in memory
+            atomic_write_path(path, lambda tmp: st.torch.save_file(tensors, tmp, metadata=header))
+        else:
+            path.write(st.torch.save(tensors, metadata=header))
+    elif named:
         atomic_write(path, lambda f: torch.save(payload, f))
     else:
         torch.save(payload, path)
 
 
-def _read(path: PathLike, map_location) -> dict:
+def read_payload(path: PathLike, map_location=None, keys=None) -> dict:
+    """The payload of a model file (see the module docstring) as plain data and
+    tensors, from either container, without unpickling anything; ``keys`` limits it to
+    those entries (a safetensors file then reads only the tensors they name). Raises
+    ``ValueError`` naming ``path`` for anything that is not a readable model file."""
+    where = repr(path)
+    if _named(path):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(9)
+        except OSError as exc:
+            raise ValueError(f"load: cannot read {path!r} ({type(exc).__name__}: {exc})") from exc
+        source = path
+    else:
+        source = path.read()
+        head = source[:9]
+    if safefile.is_safetensors(head):
+        reader = safefile.Reader(source, where, map_location)
+        try:
+            if reader.metadata.get("format") != FORMAT:
+                raise ValueError(f"load: {where} is a safetensors file but not a thinet_fast model file (no "
+                                 f"'{FORMAT}' format tag); for plain weights use safetensors.torch.load_file")
+            _check_version(where, reader.version)
+            return reader.payload(keys)
+        finally:
+            reader.close()
+    payload = _read_torch(source if _named(path) else io.BytesIO(source), where, map_location)
+    return payload if keys is None else {k: payload[k] for k in (*keys, "format", "version") if k in payload}
+
+
+def _named(path) -> bool:
+    return isinstance(path, (str, os.PathLike))
+
+
+def _check_version(where: str, version) -> None:
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"load: {where} has format version {version}, this thinet_fast "
+                         f"reads versions {READABLE_VERSIONS}")
+
+
+def _read_torch(path, where: str, map_location) -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         why = (str(exc).strip().splitlines() or [""])[0][:160]  # torch's long advice is not ours
-        raise ValueError(f"load: {path!r} is not a thinet_fast model file (torch.load(weights_only=True) "
-                         f"failed: {type(exc).__name__}: {why})") from exc
+        raise ValueError(f"load: {where} is not a thinet_fast model file (neither safetensors nor readable by "
+                         f"torch.load(weights_only=True): {type(exc).__name__}: {why})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"load: {path!r} is not a thinet_fast model file (no '{FORMAT}' format tag); "
+        raise ValueError(f"load: {where} is not a thinet_fast model file (no '{FORMAT}' format tag); "
                          "for a plain state_dict use model.load_state_dict(torch.load(...))")
-    if payload.get("version") not in READABLE_VERSIONS:
-        raise ValueError(f"load: {path!r} has format version {payload.get('version')}, this thinet_fast "
-                         f"reads versions {READABLE_VERSIONS}")
+    _check_version(where, payload.get("version"))
     return payload
 
 
 def load_meta(path: PathLike) -> dict:
-    """The ``meta`` dict stored by :func:`save` (safe: no unpickling of code)."""
-    return dict(_read(path, "cpu")["meta"])
+    """The ``meta`` dict stored by :func:`save` (safe: no unpickling of code; from a
+    safetensors file only the header and the tensors ``meta`` holds are read)."""
+    return dict(read_payload(path, "cpu", keys=("meta",)).get("meta") or {})
 
 
 def _class_name(m: nn.Module) -> str:
@@ -280,7 +353,7 @@ def load(path: PathLike, map_location=None, *, base: Optional[nn.Module] = None,
             description (version-1 files, ``save(skeleton=True)``). This runs pickled
             Python: only for files you trust.
     """
-    payload = _read(path, map_location)
+    payload = read_payload(path, map_location)
     state = payload["state_dict"]
     if base is not None:
         if not isinstance(base, nn.Module):
