@@ -271,3 +271,16 @@ def test_params_and_flops_budgets_through_the_cli(folder, tmp_path, capsys):
     assert main(_prune_args(folder, "--params-target", "0.5", "--keep", "0.5")) == 2
     err = capsys.readouterr().err
     assert "--keep" in err and "--params-target" in err, err
+
+
+def test_bench_command_prints_a_checked_table_and_json(tmp_path, capsys):
+    js = tmp_path / "bench.json"
+    assert main(["bench", "--sizes", "16x1x200,16x4x200", "--backends", "torch", "--repeats", "2",
+                 "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "checked against its _ref" in out and "median ms" in out
+    rows = json.loads(js.read_text())["rows"]
+    assert {r["op"] for r in rows} >= {"greedy", "forward_ls", "gram"} and all(r["status"] == "ok" for r in rows)
+    assert all(r["median_ms"] > 0 for r in rows)
+    assert main(["bench", "--sizes", "16by4"]) == 2
+    assert "--sizes" in capsys.readouterr().err

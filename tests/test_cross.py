@@ -42,6 +42,19 @@ def test_channel_gram_is_the_gram_of_contributions():
         assert torch.allclose(fast, ref, atol=1e-8) and torch.allclose(ref, brute, atol=1e-8)
 
 
+def test_channel_gram_in_several_row_blocks():
+    """C·t large enough that channel_gram works in several blocks of channel rows; a
+    non-symmetric M (a cross-moment) checks that no symmetry is assumed."""
+    g = torch.Generator().manual_seed(5)
+    C, t, K = 300, 9, 3
+    W = torch.randn(K, C, 3, 3, generator=g, dtype=torch.float64)
+    M = torch.randn(C * t, C * t, generator=g, dtype=torch.float64)
+    want = torch.einsum("kcu,cudv,kdv->cd", W.reshape(K, C, t), M.reshape(C, t, C, t), W.reshape(K, C, t))
+    got = cross.channel_gram(W, M)
+    print("max abs err", float((got - want).abs().max()), "max |want|", float(want.abs().max()))
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-9)
+
+
 def test_refit_towards_matches_least_squares_on_the_patches():
     geo, xc, xr, W, pos = _setup(2)
     P, Q, _ = cross.cross_moments(xc, xr, geo, *pos)

@@ -319,6 +319,33 @@ def cmd_finetune(args):
     _write_json(args.json, {"finetune": out, "run": _run_info(dev, {"load": load_s, "finetune": out.get("seconds", 0.0)})})
 
 
+# ---------------------------------------------------------------- bench
+def cmd_bench(args):
+    from thinet_fast import benchmark as B
+    if args.json:
+        check_writable(args.json, "--json")
+    try:
+        sizes = B.parse_sizes(args.sizes) if args.sizes else B.DEFAULT_SIZES
+    except ValueError as exc:
+        raise CLIError(f"--sizes: {exc}") from None
+    backends = _tuple(args.backends)
+    available = {n for n, info in tf.backends().items() if info.available}
+    unknown = sorted(set(backends or ()) - set(tf.backends()))
+    if unknown:
+        raise CLIError(f"--backends: unknown {unknown}; known {sorted(tf.backends())}")
+    print(f"thinet-fast bench: backends {', '.join(sorted(backends or available))}; each kernel is checked "
+          "against its _ref before it is timed", flush=True)
+    rows = B.run_bench(sizes, backends=backends, ops=_tuple(args.ops) or B.DEFAULT_OPS, repeats=args.repeats,
+                       dtype={"float32": torch.float32, "float64": torch.float64}[args.dtype], seed=args.seed,
+                       log=None)
+    print(B.format_table(rows))
+    if args.json:
+        B.write_json(rows, args.json)
+        print(f"wrote {args.json}")
+    if any(r.status == "wrong" for r in rows):
+        raise CLIError("a kernel disagreed with its reference (status 'wrong' above); it was not timed")
+
+
 # ---------------------------------------------------------------- demo, study, backends
 def cmd_backends(args):
     for name, info in tf.backends().items():

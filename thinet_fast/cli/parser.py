@@ -184,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
                                     "<!-- study:end --> markers (e.g. README.md)")
     p.set_defaults(fn=C.cmd_study)
 
+    p = sub.add_parser("bench", help="time greedy removal, forward least squares and the statistics kernels on "
+                                     "every backend, each checked against its reference first", formatter_class=HELP)
+    p.add_argument("--sizes", help="comma list of CxBATCHxM problem sizes (default: a CPU-minute grid)")
+    p.add_argument("--backends", help="comma list of backends (default: every available one)")
+    p.add_argument("--ops", help="comma list from greedy,forward_ls,gram,moments,gram_from_cov "
+                                 "(default: greedy,forward_ls,gram)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per kernel (median and spread)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="problem dtype")
+    p.add_argument("--seed", type=int, default=0, help="random problems' seed")
+    p.add_argument("--json", help="write the rows (and the machine) as JSON here")
+    p.set_defaults(fn=C.cmd_bench)
+
     p = sub.add_parser("backends", help="which kernel backends are available here, and why not")
     p.set_defaults(fn=C.cmd_backends)
     return ap

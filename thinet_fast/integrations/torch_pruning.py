@@ -16,8 +16,10 @@ group with no reader at all (its channels are the model output, e.g. the classif
 gets ``None``, which Torch-Pruning treats as "do not prune this group".
 
 Only the selection comes from ThiNet: Torch-Pruning cuts the channels and does not
-rescale the kept ones (use :func:`thinet_fast.prune` for ThiNet's least-squares
-reconstruction, bias compensation and BN re-estimation).
+rescale the kept ones. :func:`reconstructing` (or :func:`record` before the step and
+:func:`reconstruct` after it, from :mod:`thinet_fast.integrations.reconstruction`) adds
+ThiNet's least-squares reconstruction of every layer the step cut;
+:func:`thinet_fast.prune` also has bias compensation and BN re-estimation.
 
 Example::
 
@@ -28,6 +30,12 @@ Example::
     pruner = thinet_pruner(model, torch.randn(1, 1, 28, 28), calib_loader,
                            pruning_ratio=0.5, num_images=1000)
     pruner.step()            # model is now pruned in place by Torch-Pruning
+
+with the cut layers refitted towards the unpruned model::
+
+    with reconstructing(model, calib_loader) as rec:
+        pruner.step()
+    print(rec.report.table())
 
 or, with any Torch-Pruning pruner::
 
@@ -60,8 +68,10 @@ from ..ops.stats import STATISTICS
 from ..pipeline.collect import StatsSpec, feed, iter_batches, model_device, reduce_accumulators
 from ..pipeline.methods import REGISTRY, SelectContext, get_method, selection_backend
 from ..groups import Reader, UnsupportedGroupError, _name, _root_idxs, analyse
+from .reconstruction import ReconstructionReport, Snapshot, record, reconstruct, reconstructing
 
-__all__ = ["ThiNetImportance", "UnsupportedGroupError", "thinet_pruner"]
+__all__ = ["ThiNetImportance", "UnsupportedGroupError", "thinet_pruner", "record", "reconstruct", "reconstructing",
+           "Snapshot", "ReconstructionReport"]
 
 METHODS = tuple(m.name for m in REGISTRY.values() if m.rank is not None)  # built-ins that rank from a Gram
 

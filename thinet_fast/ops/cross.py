@@ -55,11 +55,21 @@ def channel_gram(kernel: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """``G_cd = Σ_k Σ_uv W[k,c,u] M[(c,u),(d,v)] W[k,d,v]`` (C, C), float64: the Gram of
     per-channel contributions from a patch moment (P' gives G', Q gives H)."""
     K, C = kernel.shape[:2]
-    W = kernel.reshape(K, C, -1).double()
-    t = W.shape[2]
-    if M.shape != (C * t, C * t):
-        raise ValueError(f"M has shape {tuple(M.shape)}; expected ({C * t}, {C * t})")
-    return torch.einsum("kcu,cudv,kdv->cd", W, M.double().reshape(C, t, C, t), W)
+    Wf = kernel.reshape(K, -1).double()
+    t = Wf.shape[1] // C
+    D = C * t
+    if M.shape != (D, D):
+        raise ValueError(f"M has shape {tuple(M.shape)}; expected ({D}, {D})")
+    # (WᵀW ∘ M) summed over each tap block, a block of channel rows at a time: one
+    # K-deep product, where the three-operand einsum took ~30x longer at C=512, t=9
+    out = torch.empty(C, C, dtype=torch.float64, device=Wf.device)
+    step = max(1, min(C, (1 << 22) // max(D * t, 1)))
+    for c0 in range(0, C, step):
+        c1 = min(C, c0 + step)
+        rows = slice(c0 * t, c1 * t)
+        block = (Wf[:, rows].T @ Wf).mul_(M[rows].to(Wf))
+        out[c0:c1] = block.view(c1 - c0, t, C, t).sum(3).sum(1)
+    return out
 
 
 def channel_gram_ref(kernel: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
