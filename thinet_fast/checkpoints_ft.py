@@ -5,8 +5,10 @@ Checkpoint files are ordinary :func:`thinet_fast.save` model files (so
 ``thinet_fast.load("last.pt")`` gives the model back); ``last.pt`` also carries the
 training state under ``meta["finetune"]``: optimizer, scheduler and GradScaler state
 dicts, the step, the epoch and batches seen in it, the RNG states, the best and last
-validation metrics and the options. All of it is tensors and plain Python values, so
-the file is read without unpickling anything (:func:`thinet_fast.serialization.read_payload`).
+validation metrics and the options; under torch.distributed also every rank's RNG
+states (``ranks``: each rank resumes its own streams). All of it is tensors and plain
+Python values, so the file is read without unpickling anything
+(:func:`thinet_fast.serialization.read_payload`).
 Files are written atomically (``<path>.tmp``, then ``os.replace``).
 
 Data order: the batches of an epoch are a function of the random states at the moment
@@ -33,7 +35,8 @@ from .files import atomic_write, check_writable
 from .serialization import FORMAT, load_meta, read_payload, save
 
 __all__ = ["STATE_FORMAT", "rng_state", "set_rng_state", "seed_all", "data_generators", "set_epoch",
-           "one_pass", "write_checkpoint", "write_best", "best_step", "read_checkpoint", "saved_flags", "JsonLog"]
+           "one_pass", "write_checkpoint", "write_best", "best_step", "restore", "read_checkpoint", "saved_flags",
+           "JsonLog"]
 
 STATE_FORMAT = "thinet_fast.finetune_state"
 STATE_VERSION = 1
@@ -152,6 +155,31 @@ def best_step(path: str):
         return load_meta(path).get("finetune_best", {}).get("step")
     except (OSError, ValueError):
         return None
+
+
+def restore(model: nn.Module, opt, sched, scaler, sd: dict, state: dict, options: dict, path: str) -> None:
+    """Load a ``last.pt``'s weights and optimizer, scheduler and scaler states, after
+    checking that it was written with ``options`` (the same number of processes too)."""
+    theirs, ours = {"world_size": 1, **state["options"]}, {"world_size": 1, **options}
+    diff = [f"{k}={theirs.get(k)!r} there, {v!r} now" for k, v in ours.items() if theirs.get(k) != v]
+    if diff:
+        raise ValueError(f"resume: {path!r} was written with other options ({'; '.join(diff)}); "
+                         "pass the same ones, or resume=False to start over")
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    saved = {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    try:
+        if have != saved:  # checked first: a failing load_state_dict has already copied some tensors
+            odd = sorted(set(have) ^ set(saved)) or [k for k in have if have[k] != saved[k]]
+            raise ValueError(f"other tensors or shapes, e.g. {odd[:3]}")
+        model.load_state_dict(sd, strict=True)
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        why = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"resume: {path!r} does not fit this model ({why}); pass the model the run "
+                         "started from, or resume=False to start over") from exc
+    sched.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
 
 
 def read_checkpoint(path: str) -> tuple[dict, dict]:

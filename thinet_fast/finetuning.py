@@ -7,6 +7,18 @@ CPU to float rounding; on CUDA up to its non-deterministic kernels). The checkpo
 holds everything the rest of the run depends on (see :mod:`thinet_fast.checkpoints_ft`
 for the data order). Validation runs with the random states saved and restored, so
 ``val_every`` and ``checkpoint_dir`` never change the trajectory.
+
+Under torch.distributed (torchrun; the group is joined from its environment if the
+caller has not) the model trains in DistributedDataParallel, each rank on its shard of
+``train_data`` (:func:`thinet_fast.distributed.shard_loader`). DDP averages the ranks'
+mean-loss gradients, which is the mean over the global batch: the run equals one
+process on the same global batches to float rounding (tested with 2 gloo processes)
+but for what is drawn per rank: BatchNorm batch statistics (the rank's B/world inputs,
+torch's default; ``sync_bn=True``, CUDA only, uses the global batch's) and dropout
+masks (seeded ``seed + rank``). The logged loss is the ranks' mean, validation counts
+are summed over the ranks (give each its shard of ``val_data``), only rank 0 writes
+files, ``last.pt`` holds every rank's random states and a resume (read on rank 0, sent
+to the others) needs the same number of processes. The teacher is not wrapped.
 """
 from __future__ import annotations
 
@@ -21,9 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoints_ft as ck
+from . import distributed as D
 from .files import check_writable
 from .modes import preserved_modes
-from .training import _batches, distillation_loss, evaluate
+from .training import _batches, correct_counts, distillation_loss
 
 __all__ = ["finetune", "OPTIMIZERS", "LR_SCHEDULES", "AMP_MODES"]
 
@@ -146,7 +159,8 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
              label_smoothing: float = 0.0, teacher: nn.Module | None = None, temperature: float = 4.0,
              distill_weight: float = 0.5, val_data=None, val_every: int | None = None,
              val_batches: int | None = None, checkpoint_dir=None, resume=False, amp: str | None = None,
-             seed: int | None = None, log=None, log_every: int = 0, device=None, progress: bool = True) -> dict:
+             seed: int | None = None, log=None, log_every: int = 0, device=None, progress: bool = True,
+             sync_bn: bool = False) -> dict:
     """Fine-tune ``model`` in place on (input, target) batches.
 
     Args:
@@ -173,11 +187,14 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
         log: path of a JSON-lines log: a "train" line (step, loss, avg_loss, lr) every
             ``log_every`` steps (0: every step), a "val" line per validation.
         device: where to train (the model and teacher are moved there); default: the
-            model's device.
+            model's device. Under torchrun, each rank's own device (``cuda:LOCAL_RANK``).
+        sync_bn: under torch.distributed, BatchNorm layers use the statistics of the
+            global batch (``nn.SyncBatchNorm`` for the run; CUDA only) instead of the rank's.
     Returns:
         {"steps", "loss" (running average), "last_loss", "lr", "val" and "best_val"
         ({"step", "top1", "top5"} or None), "seconds" (this call), "resumed_from"
-        (a step or None), "checkpoint_dir"}: plain values, JSON-serialisable.
+        (a step or None), "checkpoint_dir", "world_size"}: plain values, JSON-serialisable,
+        the same on every rank.
     """
     t0 = time.perf_counter()
     o = dict(epochs=epochs, steps=steps, lr=lr, momentum=momentum, weight_decay=weight_decay, gamma=gamma,
@@ -185,6 +202,12 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
              distill_weight=distill_weight, val_every=val_every, val_batches=val_batches, log_every=log_every,
              seed=seed)
     _check(model, teacher, optimizer, schedule, amp, val_data, val_every, checkpoint_dir, resume, o)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    D.init_from_env(dev)  # under torchrun, join its process group unless the caller has
+    world, rank = D.world()
+    main = rank == 0
+    if sync_bn and world > 1 and dev.type != "cuda":
+        raise ValueError(f"sync_bn=True runs on CUDA only (torch's SyncBatchNorm); this run is on {dev.type}")
     try:
         n_batches = len(train_data)
     except TypeError:
@@ -195,13 +218,15 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
         if n_batches == 0:
             raise ValueError("train_data is empty")
         steps = max(1, int(math.ceil(epochs * n_batches)))
-    ckpt_dir, resume_path = _paths(checkpoint_dir, resume)
-    if log is not None:
+    if world > 1:  # ranks that disagree would wait for each other's all-reduce forever
+        D.warn_unsharded(train_data)
+        D.same_on_all("the steps and len(train_data)", (steps, n_batches))
+    ckpt_dir, resume_path = D.from_rank0(_paths, checkpoint_dir, resume)  # rank 0's disk decides
+    if log is not None and main:
         check_writable(log, "log=")  # now, not after the first hour of training
     if resume_path is not None and ck.one_pass(train_data):
         raise ValueError("resume= needs train_data that gives the same batches again (a DataLoader, a list); "
                          "got a one-pass iterator")
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
     if device is not None:
         model.to(dev)
     autocast, scaler = _amp(amp, dev)
@@ -211,6 +236,8 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
                "weight_decay": weight_decay, "schedule": schedule, "step_size": step_size, "gamma": gamma,
                "label_smoothing": label_smoothing, "amp": amp, "teacher": teacher is not None,
                "temperature": temperature, "distill_weight": distill_weight, "batches_per_epoch": n_batches}
+    if world > 1:  # absent with one process: earlier checkpoints still resume
+        options["world_size"] = world
     gens = ck.data_generators(train_data)
     flags = [(m, m.training) for m in model.modules()]  # files carry the caller's modes
     last_path = best_path = None
@@ -219,32 +246,15 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
 
     st = None
     if resume_path is not None:
-        sd, st = ck.read_checkpoint(resume_path)
-        diff = [f"{k}={st['options'].get(k)!r} there, {v!r} now" for k, v in options.items()
-                if st["options"].get(k) != v]
-        if diff:
-            raise ValueError(f"resume: {resume_path!r} was written with other options ({'; '.join(diff)}); "
-                             "pass the same ones, or resume=False to start over")
-        have = {k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        saved = {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
-        try:
-            if have != saved:  # checked first: a failing load_state_dict has already copied some tensors
-                odd = sorted(set(have) ^ set(saved)) or [k for k in have if have[k] != saved[k]]
-                raise ValueError(f"other tensors or shapes, e.g. {odd[:3]}")
-            model.load_state_dict(sd, strict=True)
-            opt.load_state_dict(st["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            why = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise ValueError(f"resume: {resume_path!r} does not fit this model ({why}); pass the model the run "
-                             "started from, or resume=False to start over") from exc
-        sched.load_state_dict(st["scheduler"])
-        if scaler is not None and st.get("scaler"):
-            scaler.load_state_dict(st["scaler"])
+        sd, st = D.from_rank0(ck.read_checkpoint, resume_path)  # read once, sent to every rank
+        ck.restore(model, opt, sched, scaler, sd, st, options, resume_path)
+        if world > 1:  # each rank goes on with its own random streams
+            st.update(st["ranks"][rank])
         best = st["best"]
-        if best is not None and best["step"] == st["step"] and ck.best_step(best_path) != best["step"]:
+        if main and best is not None and best["step"] == st["step"] and ck.best_step(best_path) != best["step"]:
             ck.write_best(model, best_path, best, flags)  # stopped between last.pt and best.pt
     elif seed is not None:
-        ck.seed_all(int(seed))
+        ck.seed_all(int(seed) + rank)  # rank 0 as one process; other ranks draw other dropout masks
     done, epoch, seen = (st["step"], st["epoch"], st["seen"]) if st else (0, 0, 0)
     running, last_loss, last_lr = (st["running_loss"], st["last_loss"], st["last_lr"]) if st else (
         float("nan"), float("nan"), float(opt.param_groups[0]["lr"]))
@@ -260,9 +270,13 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
         nonlocal best, last_val
         saved = ck.rng_state()  # validation must not move the training's random streams
         try:
-            acc = evaluate(model, val_data, device=dev, topk=(1, 5), max_batches=val_batches)
+            correct, total = correct_counts(model, val_data, device=dev, topk=(1, 5), max_batches=val_batches)
         finally:
             ck.set_rng_state(saved)
+        top1, top5, total = D.all_sum([correct[1], correct[5], total], dev)  # every rank's share
+        if total == 0:
+            raise ValueError("evaluation data is empty")
+        acc = {1: top1 / total, 5: top5 / total}
         last_val = {"step": done, "top1": acc[1], "top5": acc[5]}
         improved = best is None or last_val["top1"] > best["top1"]
         if improved:
@@ -273,17 +287,22 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
     def checkpoint(improved):
         # at a known epoch end (the iterator was seen to stop) a resume starts the next epoch
         # instead of reloading this one's batches
+        rng = ck.rng_state(gens)
+        ranks = D.gather({"rng": rng, "epoch_rng": None if ended else epoch_rng}) if world > 1 else None
+        if not main:
+            return
         state = {"step": done, "epoch": epoch + ended, "seen": 0 if ended else seen,
-                 "epoch_rng": None if ended else epoch_rng, "rng": ck.rng_state(gens),
+                 "epoch_rng": None if ended else epoch_rng, "rng": rng, "ranks": ranks,
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "running_loss": running,
                  "last_loss": last_loss, "last_lr": last_lr, "best": best, "last_val": last_val,
                  "options": options, "seconds": seconds()}
-        ck.write_checkpoint(model, last_path, state, flags)  # last.pt first: see the resume repair above
-        if improved:
-            ck.write_best(model, best_path, best, flags)
+        with sbn.plain():  # files hold plain BatchNorms
+            ck.write_checkpoint(model, last_path, state, flags)  # last.pt first: see the resume repair above
+            if improved:
+                ck.write_best(model, best_path, best, flags)
 
-    logf = ck.JsonLog(log, resume_step=done if st else None)
+    logf = ck.JsonLog(log if main else None, resume_step=done if st else None)
     if st:
         logf.write(event="resume", step=done, steps=steps, path=os.path.abspath(resume_path))
     else:
@@ -294,11 +313,13 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
         teacher.to(dev)
         teacher_modes = preserved_modes(teacher, train=False)
     bar = None
-    if progress:
+    sbn = D.SyncBatchNorms(model, sync_bn and world > 1)
+    if progress and main:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, initial=done, desc="finetune", leave=False)
     try:
-        with preserved_modes(model, train=True), teacher_modes:
+        with preserved_modes(model, train=True), teacher_modes, sbn:
+            net = D.wrap_ddp(model, dev) if world > 1 else model  # wrapped after SyncBatchNorms: DDP checks them
             while done < steps:
                 skip = 0
                 if st is not None and st["epoch_rng"] is not None:  # resume inside an epoch
@@ -323,7 +344,7 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
                         break
                     x, y = batch[0].to(dev), batch[1].to(dev)
                     with autocast():
-                        out = model(x)
+                        out = net(x)
                         if teacher is not None:
                             with torch.no_grad():
                                 t_out = teacher(x)
@@ -332,8 +353,9 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
                                                  weight=distill_weight, label_smoothing=label_smoothing)
                     else:
                         loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss became {float(loss)} at step {done}; lower lr={lr}")
+                    shown = D.mean_over_ranks(loss.detach())  # the global batch's loss, on every rank
+                    if not torch.isfinite(shown):  # so every rank stops here
+                        raise FloatingPointError(f"loss became {float(shown)} at step {done}; lower lr={lr}")
                     opt.zero_grad(set_to_none=True)
                     last_lr = float(opt.param_groups[0]["lr"])
                     if scaler is not None:
@@ -344,7 +366,7 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
                         loss.backward()
                         opt.step()
                     sched.step()
-                    last_loss = float(loss.detach())
+                    last_loss = float(shown)
                     running = last_loss if math.isnan(running) else 0.9 * running + 0.1 * last_loss
                     done += 1
                     seen += 1
@@ -372,7 +394,7 @@ def finetune(model: nn.Module, train_data, *, epochs: float = 1.0, steps: int | 
                 epoch += 1
         result = {"steps": done, "loss": running, "last_loss": last_loss, "lr": last_lr, "val": last_val,
                   "best_val": best, "seconds": time.perf_counter() - t0,
-                  "resumed_from": resumed_from, "checkpoint_dir": ckpt_dir}
+                  "resumed_from": resumed_from, "checkpoint_dir": ckpt_dir, "world_size": world}
         logf.write(event="end", step=done, **{k: v for k, v in result.items() if k != "checkpoint_dir"})
         return result
     finally:

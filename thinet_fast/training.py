@@ -19,10 +19,21 @@ def _batches(data):
         yield batch[0], batch[1]
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data, *, device=None, topk=(1, 5), max_batches: int | None = None,
              progress: bool = False) -> dict[int, float]:
     """Top-k accuracy over ``data`` ((input, target) batches). Returns {k: accuracy}."""
+    correct, total = correct_counts(model, data, device=device, topk=topk, max_batches=max_batches,
+                                    progress=progress)
+    if total == 0:
+        raise ValueError("evaluation data is empty")
+    return {k: c / total for k, c in correct.items()}
+
+
+@torch.no_grad()
+def correct_counts(model: nn.Module, data, *, device=None, topk=(1, 5), max_batches: int | None = None,
+                   progress: bool = False) -> tuple[dict[int, int], int]:
+    """({k: inputs whose target is among the top k}, inputs): what :func:`evaluate`
+    divides, and what distributed validation sums over the ranks."""
     device = device or next(model.parameters()).device
     correct = {k: 0 for k in topk}
     total = 0
@@ -42,9 +53,7 @@ def evaluate(model: nn.Module, data, *, device=None, topk=(1, 5), max_batches: i
             for k in topk:
                 correct[k] += int(hit[:, : min(k, kmax)].any(dim=1).sum())
             total += y.numel()
-    if total == 0:
-        raise ValueError("evaluation data is empty")
-    return {k: c / total for k, c in correct.items()}
+    return correct, total
 
 
 def _len(data, cap):

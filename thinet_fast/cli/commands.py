@@ -1,9 +1,15 @@
 """The subcommands. Each one resolves the device, checks every output path and validates
-its options before it loads a model or reads an image; calls only the public API."""
+its options before it loads a model or reads an image; calls only the public API.
+
+``prune`` and ``finetune`` also run under torchrun (``torchrun --nproc_per_node N -m
+thinet_fast.cli prune ...``): each rank reads its shard (``load_data(shard=)``;
+``--batch-size`` is the global batch) and only rank 0 prints and writes files."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -11,6 +17,7 @@ from pathlib import Path
 import torch
 
 import thinet_fast as tf
+from thinet_fast import distributed as D
 from thinet_fast.files import check_writable
 
 from .loading import (CLIError, check_data_path, describe_device, load_data, load_model, num_outputs,
@@ -22,8 +29,22 @@ _NOT_OPTIONS = {"fn", "command", "config", "eval_data_alias", "train_data_alias"
 
 def _start(args, name: str) -> torch.device:
     dev = resolve_device(args.device)
-    print(f"thinet-fast {name}: device {describe_device(dev)}", flush=True)
+    size, rank = D.world()
+    if size > 1:
+        dev = D.local_device(dev)
+    if rank == 0:
+        print(f"thinet-fast {name}: device {describe_device(dev)}" + (f", {size} processes" if size > 1 else ""),
+              flush=True)
     return dev
+
+
+def _torchrun(fn):
+    """Under torchrun (WORLD_SIZE > 1) the command runs in the process group of its ranks."""
+    @functools.wraps(fn)
+    def run(args):
+        with D.process_group_from_env(resolve_device(args.device)):
+            return fn(args)
+    return run
 
 
 def _check_outputs(args, *extra: str) -> None:
@@ -132,41 +153,51 @@ def _check_plot_dir(path: str) -> None:
     check_writable(str(Path(path) / "kept-channels.png"), "--plot")
 
 
+@_torchrun
 def cmd_prune(args):
     dev = _start(args, "prune")
+    shard, main = D.shard_spec(), D.is_main()
     _check_outputs(args)
     if args.plot:
         _check_plot_dir(args.plot)
     cfg = _prune_config(args, dev)
+    cfg.progress = cfg.progress and main
     phases, t0 = {}, time.perf_counter()
     model = load_model(args.model, args.weights, args.num_classes)
+    D.broadcast_module(model, dev)  # every rank prunes rank 0's model (a random init differs)
     if cfg.preset is not None:  # the wrong base is said now, not after the calibration pass
         tf.presets.check_base(cfg.preset, model)
     if args.dry_run:
         example = torch.zeros(1, *_example_shape(args, model))
         plan = tf.dry_run(model, example, cfg)
-        print(plan.table())
-        _write_json(args.json, {"dry_run": plan.to_dict()})
+        if main:
+            print(plan.table())
+            _write_json(args.json, {"dry_run": plan.to_dict()})
         return
     shape = _example_shape(args, model)
     outputs = num_outputs(model, shape)
     calib = load_data(args.data, train=True, batch_size=args.batch_size, per_class=args.per_class,
                       image_size=args.image_size, workers=args.workers, seed=args.seed,
-                      skip_bad=args.skip_bad_images, num_outputs=outputs)
+                      skip_bad=args.skip_bad_images, num_outputs=outputs, shard=shard, limit=cfg.num_images)
     images = len(calib.dataset)
+    if shard is not None:  # each rank has its share of the first num_images: read all of it
+        images = int(D.all_sum([images], dev)[0])
+        cfg.num_images = math.ceil(min(cfg.num_images, images) / shard[1])
     if cfg.num_images > images:
         cfg.num_images = images  # the bars and the report count what is there
     if args.finetune_steps:
         teacher = copy.deepcopy(model).to(dev)
         train = load_data(args.train_data, train=True, batch_size=args.batch_size, image_size=args.image_size,
                           workers=args.workers, seed=args.seed, what="--train-data", skip_bad=args.skip_bad_images,
-                          num_outputs=outputs)
+                          num_outputs=outputs, shard=shard)
         cfg.finetune = tf.finetune_callback(train, teacher=teacher, steps=args.finetune_steps, lr=args.lr,
-                                            device=dev)
+                                            device=dev, progress=main)
     phases["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = tf.prune(model, calib, cfg)
     phases["prune"] = time.perf_counter() - t0
+    if not main:  # every rank holds the same pruned model: rank 0 evaluates, prints and writes
+        return
     if args.eval_data or args.speed:
         t0 = time.perf_counter()
         val = load_data(args.eval_data, train=False, batch_size=args.batch_size, image_size=args.image_size,
@@ -196,7 +227,8 @@ def cmd_prune(args):
         _save_options(args)
         print(f"saved the pruned model to {args.output} (options in {config_path(args.output)})")
     body = result.report.to_dict()
-    body["run"] = _run_info(dev, {**phases, **result.report.timings}, min(cfg.num_images, images))
+    body["run"] = _run_info(dev, {**phases, **result.report.timings},
+                            images if shard is not None else min(cfg.num_images, images))
     body["run"]["skipped_images"] = skipped_images(calib)
     if body["run"]["skipped_images"]:
         print(f"skipped {len(body['run']['skipped_images'])} unreadable calibration image(s) (listed in --json)")
@@ -280,8 +312,10 @@ def _prune_units(args) -> list:
 
 
 # ---------------------------------------------------------------- finetune
+@_torchrun
 def cmd_finetune(args):
     dev = _start(args, "finetune")
+    shard, main = D.shard_spec(), D.is_main()
     _check_outputs(args, "log")
     train_data = args.train_data or args.train_data_alias
     if not train_data:
@@ -300,10 +334,10 @@ def cmd_finetune(args):
     outputs = num_outputs(model, _example_shape(args, model))
     train = load_data(train_data, train=True, batch_size=args.batch_size, image_size=args.image_size,
                       workers=args.workers, seed=args.seed, what="--train-data", skip_bad=args.skip_bad_images,
-                      num_outputs=outputs)
+                      num_outputs=outputs, shard=shard)
     val = load_data(args.eval_data, train=False, batch_size=args.batch_size, image_size=args.image_size,
                     workers=args.workers, what="--eval-data", skip_bad=args.skip_bad_images,
-                    num_outputs=outputs) if args.eval_data else None
+                    num_outputs=outputs, shard=shard) if args.eval_data else None  # counts summed over ranks
     load_s = time.perf_counter() - t0
     out = tf.finetune(model, train, epochs=args.epochs, steps=args.steps, lr=args.lr, optimizer=args.optimizer,
                       schedule=args.lr_schedule, momentum=args.momentum, weight_decay=args.weight_decay,
@@ -311,7 +345,9 @@ def cmd_finetune(args):
                       distill_weight=args.distill_weight if teacher is not None else 0.0, device=dev,
                       val_data=val, val_every=args.val_every, val_batches=args.eval_batches,
                       checkpoint_dir=args.checkpoint_dir, resume=bool(args.resume), amp=args.amp, seed=args.seed,
-                      log=args.log, progress=True)
+                      log=args.log, progress=main)
+    if not main:
+        return
     print(json.dumps(out, default=str))
     tf.save(model, args.output)
     _save_options(args)
@@ -319,77 +355,4 @@ def cmd_finetune(args):
     _write_json(args.json, {"finetune": out, "run": _run_info(dev, {"load": load_s, "finetune": out.get("seconds", 0.0)})})
 
 
-# ---------------------------------------------------------------- bench
-def cmd_bench(args):
-    from thinet_fast import benchmark as B
-    if args.json:
-        check_writable(args.json, "--json")
-    try:
-        sizes = B.parse_sizes(args.sizes) if args.sizes else B.DEFAULT_SIZES
-    except ValueError as exc:
-        raise CLIError(f"--sizes: {exc}") from None
-    backends = _tuple(args.backends)
-    available = {n for n, info in tf.backends().items() if info.available}
-    unknown = sorted(set(backends or ()) - set(tf.backends()))
-    if unknown:
-        raise CLIError(f"--backends: unknown {unknown}; known {sorted(tf.backends())}")
-    print(f"thinet-fast bench: backends {', '.join(sorted(backends or available))}; each kernel is checked "
-          "against its _ref before it is timed", flush=True)
-    rows = B.run_bench(sizes, backends=backends, ops=_tuple(args.ops) or B.DEFAULT_OPS, repeats=args.repeats,
-                       dtype={"float32": torch.float32, "float64": torch.float64}[args.dtype], seed=args.seed,
-                       log=None)
-    print(B.format_table(rows))
-    if args.json:
-        B.write_json(rows, args.json)
-        print(f"wrote {args.json}")
-    if any(r.status == "wrong" for r in rows):
-        raise CLIError("a kernel disagreed with its reference (status 'wrong' above); it was not timed")
-
-
-# ---------------------------------------------------------------- demo, study, backends
-def cmd_backends(args):
-    for name, info in tf.backends().items():
-        print(f"{name:>7}: {'yes' if info.available else 'no '}  {info.reason}")
-
-
-def cmd_demo(args):
-    s = tf.demo.DemoSettings(keep=args.keep, seed=args.seed, schedule=args.schedule, statistics=args.statistics,
-                             reconstruction=args.reconstruction, cache=not args.no_cache)
-    if args.methods:
-        s.methods = tuple(args.methods.split(","))
-    if args.models:
-        s.models = tuple(args.models.split(","))
-    if args.quick:
-        s.train_epochs, s.train_limit, s.calib_per_class, s.finetune_steps, s.eval_limit = 1.0, 10000, 20, 30, 2000
-    if args.json:
-        check_writable(args.json, "--json")
-    rows = tf.demo.run_demo(s)
-    if args.json:
-        tf.demo.dump(rows, args.json)
-
-
-def _tuple(text: str | None, kind=str):
-    return None if text is None else tuple(kind(x) for x in text.split(",") if x)
-
-
-def cmd_study(args):
-    from thinet_fast import study
-    chosen = {k: v for k, v in dict(models=_tuple(args.models), rows=_tuple(args.rows), keeps=_tuple(args.keeps, float),
-                                    schedules=_tuple(args.schedules), seeds=_tuple(args.seeds, int),
-                                    finetune_steps=args.finetune_steps, out=args.out).items() if v is not None}
-    if args.no_ablation:
-        chosen["ablation"] = False
-    if args.no_cache:
-        chosen["cache"] = False
-    s = study.StudySettings.quick(**chosen) if args.quick else study.StudySettings(**chosen)
-    try:
-        Path(s.out).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PermissionError(f"--out {s.out!r}: cannot create the folder ({exc})") from None
-    check_writable(str(Path(s.out) / "study.json"), "--out")
-    if args.readme:
-        check_writable(args.readme, "--readme")
-        if "<!-- study:start -->" not in Path(args.readme).read_text():
-            raise CLIError(f"--readme {args.readme}: put <!-- study:start --> and <!-- study:end --> where the "
-                           "table goes")
-    study.write_study(s, resume=not args.fresh, plots=not args.no_plots, readme=args.readme)
+from .runs import cmd_backends, cmd_bench, cmd_demo, cmd_study  # noqa: E402,F401 (the parser's table)

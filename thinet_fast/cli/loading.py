@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import thinet_fast as tf
+from thinet_fast.distributed import shard_dataset, shard_loader
 
 
 class CLIError(ValueError):
@@ -130,12 +131,19 @@ def check_data_path(spec: str | None, what: str) -> None:
 
 def load_data(spec: str, train: bool, batch_size: int, per_class: int | None = None, image_size: int = 224,
               workers: int = 4, seed: int = 0, what: str = "--data", skip_bad: bool = False,
-              num_outputs: int | None = None):
+              num_outputs: int | None = None, shard: tuple[int, int] | None = None, limit: int | None = None):
     """A DataLoader over ``spec``: 'fashion-mnist' or an ImageFolder root. With
     ``per_class``: the paper's calibration subset, deterministic preprocessing, each
     image decoded once per run and kept (uint8, within a memory budget) for every pass.
     With ``num_outputs``: the class count is checked against the model's outputs (for
-    calibration, fewer classes are fine: its labels are unused)."""
+    calibration, fewer classes are fine: its labels are unused).
+
+    ``shard=(rank, world)`` (torchrun): this process's share. The calibration subset
+    (cut to its first ``limit`` images) and evaluation sets (``batch_size // world`` per
+    batch when it divides) are split ``rank::world``, an exact partition, before any
+    image is decoded; a training set gets a
+    DistributedSampler with ``batch_size // world`` per process (``batch_size`` is the
+    global batch), so the ranks' steps together are one process's steps."""
     check_data_path(spec, what)
     if spec == "fashion-mnist":
         ds = tf.data.fashion_mnist(train=train)
@@ -145,8 +153,20 @@ def load_data(spec: str, train: bool, batch_size: int, per_class: int | None = N
         tf.data.check_classes(ds, num_outputs, what, exact=not per_class)
     if per_class:
         ds = tf.data.per_class_subset(ds, per_class, seed=seed)
+        if shard is not None:
+            ds = shard_dataset(ds, *shard, limit=limit)
         ds = tf.data.decoded(ds)
-    return tf.data.loader(ds, batch_size, shuffle=train and not per_class, workers=workers, seed=seed)
+    elif shard is not None and not train:
+        ds = shard_dataset(ds, *shard)
+        if batch_size % shard[1] == 0:  # the ranks' first k batches are one process's first k
+            batch_size //= shard[1]
+    loader = tf.data.loader(ds, batch_size, shuffle=train and not per_class, workers=workers, seed=seed)
+    if shard is not None and train and not per_class:
+        if batch_size % shard[1]:
+            raise CLIError(f"--batch-size {batch_size}: under torchrun it is the global batch, split over the "
+                           f"{shard[1]} processes; give a multiple of {shard[1]}")
+        loader = shard_loader(loader, rank=shard[0], world_size=shard[1], seed=seed)
+    return loader
 
 
 def skipped_images(loader) -> list[str]:

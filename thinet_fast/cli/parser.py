@@ -31,7 +31,7 @@ def _common(p, *, model_required: bool = True):
                         "torchvision name, or timm name (with timm installed)")
     p.add_argument("--weights", help="state-dict file to load into --model (e.g. pretrained ImageNet weights)")
     p.add_argument("--num-classes", type=int, help="classes of a model built by name (default: its own)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (the global batch under torchrun)")
     p.add_argument("--image-size", type=int, default=224, help="ImageFolder crop size")
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
     p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")

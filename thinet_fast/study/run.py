@@ -20,7 +20,7 @@ import torch
 
 from .. import data as tfdata
 from ..demo import DEMO_MODELS, DemoSettings, trained
-from ..pipeline import PruneConfig, prune
+from ..pipeline import PruneConfig, dry_run, prune
 from ..training import evaluate, finetune
 
 # name -> prune options. Rows compare selection at equal kept channels per unit; the
@@ -37,6 +37,11 @@ ROWS = {
     "thinet_exact": {"method": "thinet", "statistics": "full", "reconstruction": "full",
                      "bias_compensation": True, "bn_recalibration": True, "target": "unpruned",
                      "through_norm": True},
+    # the same, with per-unit keep allocated from the greedy error curves at the FLOPs
+    # that uniform keep gives (flops_target = that fraction)
+    "thinet_exact_alloc": {"method": "thinet", "statistics": "full", "reconstruction": "full",
+                           "bias_compensation": True, "bn_recalibration": True, "target": "unpruned",
+                           "through_norm": True, "allocate": True},
 }
 BASELINES = ("random", "weight_sum", "apoz", "lasso")
 # the ablation grid of the exact variants (ThiNet greedy selection, sequential)
@@ -235,9 +240,14 @@ def run_study(s: StudySettings | None = None, *, resume: bool = True, log=print)
 
 def one_run(r: dict, base: torch.nn.Module, d: _Data, s: StudySettings) -> dict:
     """Prune ``base`` as the run says; accuracy right after, and after the fine-tunes."""
-    cfg = PruneConfig(keep=r["keep"], schedule=r["schedule"], seed=r["seed"], num_images=10 * s.calib_per_class,
-                      samples_per_image=s.samples_per_image, progress=False,
-                      **{"statistics": "sampled", **r["options"]})
+    opts = {"statistics": "sampled", **r["options"]}
+    budget = {"keep": r["keep"]}
+    if opts.pop("allocate", False):  # equal FLOPs to uniform keep, allocated per unit
+        example = d.test.dataset.tensors[0][:1]
+        plan = dry_run(base, example, keep=r["keep"], device="cpu")
+        budget = {"flops_target": plan.flops[1] / plan.flops[0], "min_keep": 0.1}
+    cfg = PruneConfig(schedule=r["schedule"], seed=r["seed"], num_images=10 * s.calib_per_class,
+                      samples_per_image=s.samples_per_image, progress=False, **budget, **opts)
     t0 = time.perf_counter()
     res = prune(base, d.calib(r["seed"]), cfg)
     seconds = time.perf_counter() - t0
