@@ -43,7 +43,9 @@ ROWS = {
                            "bias_compensation": True, "bn_recalibration": True, "target": "unpruned",
                            "through_norm": True, "allocate": True},
 }
-BASELINES = ("random", "weight_sum", "apoz", "lasso")
+# Torch-Pruning's importances on the same units (thinet_fast.study.tp_rows), when installed
+ROWS.update({"tp_magnitude": {"torch_pruning": "magnitude"}, "tp_taylor": {"torch_pruning": "taylor"}})
+BASELINES = ("random", "weight_sum", "apoz", "lasso", "tp_magnitude", "tp_taylor")
 # the ablation grid of the exact variants (ThiNet greedy selection, sequential)
 ABLATION_AXES = {
     "statistics": ("sampled", "full"),
@@ -141,6 +143,8 @@ def planned(s: StudySettings) -> list[dict]:
                     if seed != s.seeds[0] and keep not in s.spread_keeps:
                         continue
                     for row in s.rows:
+                        if "torch_pruning" in ROWS[row] and (schedule != "sequential" or not _have_tp()):
+                            continue  # Torch-Pruning cuts every unit at once: one schedule
                         runs.append(dict(model=model, row=row, keep=keep, schedule=schedule, seed=seed,
                                          options=ROWS[row], finetune=schedule in s.finetune_schedules))
             if s.ablation and seed in s.ablation_seeds:
@@ -148,6 +152,14 @@ def planned(s: StudySettings) -> list[dict]:
                     runs.append(dict(model=model, row=name, keep=s.ablation_keep, schedule="sequential",
                                      seed=seed, options=opts, finetune=False))
     return runs
+
+
+def _have_tp() -> bool:
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def run_key(r: dict) -> str:
@@ -240,6 +252,8 @@ def run_study(s: StudySettings | None = None, *, resume: bool = True, log=print)
 
 def one_run(r: dict, base: torch.nn.Module, d: _Data, s: StudySettings) -> dict:
     """Prune ``base`` as the run says; accuracy right after, and after the fine-tunes."""
+    if "torch_pruning" in r["options"]:
+        return _tp_run(r, base, d, s)
     opts = {"statistics": "sampled", **r["options"]}
     budget = {"keep": r["keep"]}
     if opts.pop("allocate", False):  # equal FLOPs to uniform keep, allocated per unit
@@ -258,11 +272,29 @@ def one_run(r: dict, base: torch.nn.Module, d: _Data, s: StudySettings) -> dict:
                        "error_selected": u.error_selected, "error_reconstructed": u.error_reconstructed,
                        "error_curve": list(u.error_curve)} for u in res.report.units],
                top1_ft=None, top1_kd=None)
+    _finetunes(out, res.model, r, base, d, s)
+    return out
+
+
+def _tp_run(r: dict, base, d: _Data, s: StudySettings) -> dict:
+    from ..counting import count_flops, count_params
+    from .tp_rows import run_tp_row
+    example = d.test.dataset.tensors[0][:1]
+    t0 = time.perf_counter()
+    model = run_tp_row(r["row"], base, r["keep"], d.calib(r["seed"]), example)
+    seconds = time.perf_counter() - t0
+    out = {k: r[k] for k in ("model", "row", "keep", "schedule", "seed", "options")}
+    out.update(top1=evaluate(model, d.test)[1], params=count_params(model), flops=count_flops(model, example),
+               prune_seconds=seconds, decide_seconds=seconds, units=[], top1_ft=None, top1_kd=None)
+    _finetunes(out, model, r, base, d, s)
+    return out
+
+
+def _finetunes(out: dict, pruned, r: dict, base, d: _Data, s: StudySettings) -> None:
     if r["finetune"] and s.finetune_steps:
         for key, teacher in (("top1_ft", None), ("top1_kd", base)):
             torch.manual_seed(r["seed"])
-            student = copy.deepcopy(res.model)
+            student = copy.deepcopy(pruned)
             finetune(student, d.train_loader(r["seed"]), steps=s.finetune_steps, lr=s.finetune_lr,
                      teacher=teacher, progress=False)
             out[key] = evaluate(student, d.test)[1]
-    return out
