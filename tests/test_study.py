@@ -124,3 +124,22 @@ def test_demo_vgg_without_batchnorm_prunes_and_its_units_have_no_norm():
     out = res.model(x)
     assert out.shape == (64, 10) and torch.isfinite(out).all()
     assert res.report.params < sum(p.numel() for p in model.parameters())
+
+
+def test_torch_pruning_rows_cut_the_same_units_to_the_same_widths():
+    pytest.importorskip("torch_pruning")
+    from thinet_fast.study.tp_rows import run_tp_row
+    torch.manual_seed(0)
+    model = DemoVGG().eval()
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(16, 1, 28, 28)
+    calib = [(x, torch.randint(0, 10, (16,)))]
+    ours = tf.prune(model, [x], keep=0.5, num_images=16, progress=False).model
+    for row in ("tp_magnitude", "tp_taylor"):
+        theirs = run_tp_row(row, model, 0.5, calib, x[:1])
+        widths = lambda m: [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
+        print(row, widths(theirs), widths(ours))
+        assert widths(theirs) == widths(ours)
+        assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters())
+        assert torch.isfinite(theirs(x)).all()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the caller's model is untouched
