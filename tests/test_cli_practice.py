@@ -284,3 +284,10 @@ def test_bench_command_prints_a_checked_table_and_json(tmp_path, capsys):
     assert all(r["median_ms"] > 0 for r in rows)
     assert main(["bench", "--sizes", "16by4"]) == 2
     assert "--sizes" in capsys.readouterr().err
+
+
+def test_a_per_unit_finetune_with_the_oneshot_schedule_is_refused_before_work(tmp_path, capsys):
+    assert main(["prune", "--model", "no-such-net", "--data", str(tmp_path), "--train-data", str(tmp_path),
+                 "--finetune-steps", "3", "--schedule", "oneshot"]) == 2
+    err = capsys.readouterr().err
+    assert "--schedule sequential" in err and "no-such-net" not in err

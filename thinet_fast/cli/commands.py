@@ -113,6 +113,8 @@ def _prune_config(args, dev: torch.device) -> tf.PruneConfig:
         raise CLIError("--units does not combine with --preset (the preset names its units)")
     if bool(args.finetune_steps) != bool(args.train_data):
         raise CLIError("the per-unit fine-tune needs both --train-data and --finetune-steps")
+    if args.finetune_steps and args.schedule == "oneshot":
+        raise CLIError("a per-unit fine-tune (--finetune-steps) needs --schedule sequential")
     round_to = args.round_to
     if round_to not in (None, "auto"):
         try:
