@@ -12,22 +12,9 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .images import _shared_flags
+from .memory import available_host_memory
 
 __all__ = ["DecodedCache", "decoded", "memory_budget"]
-
-
-def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 30
 
 
 def _shm_free() -> int | None:
@@ -43,7 +30,7 @@ def memory_budget(fraction: float = 0.25) -> int:
     most half of the free /dev/shm (the cache lives there so DataLoader workers share it;
     touching more shm than the mount holds kills the process with SIGBUS, as in Docker's
     default 64 MB)."""
-    budget = int(_mem_available() * fraction)
+    budget = int(available_host_memory(fallback=1 << 30) * fraction)
     shm = _shm_free()
     return budget if shm is None else min(budget, shm // 2)
 

@@ -3,6 +3,7 @@ it, a training step (forward + backward), at chosen batch sizes; median and spre
 repeats, after warm-up. The model's mode, gradients and buffers are left as they were."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -10,7 +11,24 @@ from torch import nn
 
 from .modes import preserved_modes
 
-__all__ = ["measure_latency", "latency_table"]
+__all__ = ["measure_latency", "latency_table", "restored_state"]
+
+
+@contextlib.contextmanager
+def restored_state(model: nn.Module):
+    """Time a model without leaving a trace: its ``.grad`` tensors (backward accumulates
+    into them) and buffers (BatchNorm statistics move in train mode) are put back."""
+    params = list(model.parameters())
+    saved = [p.grad for p in params]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    try:
+        yield params
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+        with torch.no_grad():
+            for b, old in zip(model.buffers(), buffers):
+                b.copy_(old)
 
 
 def _sync(device: torch.device) -> None:
@@ -30,10 +48,7 @@ def measure_latency(model: nn.Module, example: torch.Tensor, batch_sizes=(1, 32)
     median, 10th and 90th percentile milliseconds per batch."""
     device = next(model.parameters()).device
     out = {"inference": {}, "train": {}}
-    params = list(model.parameters())
-    saved = [p.grad for p in params]
-    buffers = [b.detach().clone() for b in model.buffers()]  # BatchNorm statistics move in train mode
-    try:
+    with restored_state(model) as params:
         for bs in batch_sizes:
             x = example[:1].expand(bs, *example.shape[1:]).contiguous().to(device)
             times = []
@@ -60,12 +75,6 @@ def measure_latency(model: nn.Module, example: torch.Tensor, batch_sizes=(1, 32)
                     if i >= warmup:
                         times.append(time.perf_counter() - t0)
             out["train"][bs] = _summary(times)
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
-        with torch.no_grad():
-            for b, old in zip(model.buffers(), buffers):
-                b.copy_(old)
     return out
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .counting import count_flops, count_params, model_size_mb
 from .modes import preserved_modes
-from .latency import latency_table, measure_latency  # noqa: F401 (the report's speed figures)
+from .latency import _sync, latency_table, measure_latency, restored_state  # noqa: F401 (the report's speed figures)
 from .records import UnitRecord
 from .tables import format_table
 
@@ -144,37 +144,22 @@ def measure_speed(model: nn.Module, example: torch.Tensor, *, batch_size: int = 
     (median of ``repeats``). The model's mode and gradients are restored afterwards."""
     device = next(model.parameters()).device
     x = example[:1].expand(batch_size, *example.shape[1:]).contiguous().to(device)
-    params = list(model.parameters())
-    saved = [p.grad for p in params]  # backward accumulates into .grad in place: time on fresh ones
-    buffers = [b.detach().clone() for b in model.buffers()]  # BN running stats move in train mode
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     fwd, bwd = [], []
-    try:
-        with preserved_modes(model, train=True):
-            for i in range(warmup + repeats):
-                for p in params:
-                    p.grad = None
-                sync()
-                t0 = time.perf_counter()
-                out = model(x)
-                sync()
-                t1 = time.perf_counter()
-                out.float().sum().backward()
-                sync()
-                t2 = time.perf_counter()
-                if i >= warmup:
-                    fwd.append(t1 - t0)
-                    bwd.append(t2 - t1)
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
-        with torch.no_grad():
-            for b, old in zip(model.buffers(), buffers):
-                b.copy_(old)
+    with restored_state(model) as params, preserved_modes(model, train=True):
+        for i in range(warmup + repeats):
+            for p in params:  # time backward on fresh .grad tensors
+                p.grad = None
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(x)
+            _sync(device)
+            t1 = time.perf_counter()
+            out.float().sum().backward()
+            _sync(device)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                fwd.append(t1 - t0)
+                bwd.append(t2 - t1)
     fwd.sort(), bwd.sort()
     return 1e3 * fwd[len(fwd) // 2], 1e3 * bwd[len(bwd) // 2]
 

@@ -11,33 +11,18 @@ by a memory budget; past it a unit re-runs from the images.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..memory import available_host_memory
 from ..ops.draws import image_keys
 from ..segments import Segments, State, values
 from ..units import Unit
 from .collect import Keyed, iter_batches
 
 MB = 1 << 20
-
-
-def available_host_memory() -> int:
-    """Bytes of host memory available now (MemAvailable, else free physical pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
 
 
 def default_budgets(device: torch.device, host_budget: int | None) -> tuple[int, int]:
