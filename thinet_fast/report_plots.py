@@ -24,23 +24,29 @@ def _records(units) -> list[UnitRecord]:
     return [u if isinstance(u, UnitRecord) else UnitRecord.from_dict(u) for u in units]
 
 
-def kept_channels(units, path: Path, title: str) -> Path:
+def _per_unit(units, path: Path, title: str, ylabel: str, draw) -> Path:
+    """A bar figure with one slot per unit, front to back; ``draw(ax)`` adds the bars."""
     plt = _pyplot()
-    names = [u.producer for u in units]
-    x = range(len(units))
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(units) + 3), 4.5))
-    ax.bar([i - 0.2 for i in x], [u.channels for u in units], width=0.4, label="before")
-    ax.bar([i + 0.2 for i in x], [u.kept for u in units], width=0.4, label="after")
-    ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("output channels of the producer")
+    draw(ax)
+    ax.set_xticks(range(len(units)), [u.producer for u in units], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
     ax.set_xlabel("unit (producer), front to back")
-    ax.set_title(f"{title}\nkept channels per unit")
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def kept_channels(units, path: Path, title: str) -> Path:
+    def draw(ax):
+        x = range(len(units))
+        ax.bar([i - 0.2 for i in x], [u.channels for u in units], width=0.4, label="before")
+        ax.bar([i + 0.2 for i in x], [u.kept for u in units], width=0.4, label="after")
+    return _per_unit(units, path, f"{title}\nkept channels per unit", "output channels of the producer", draw)
 
 
 def greedy_curves(units, path: Path, title: str) -> Path | None:
@@ -68,23 +74,14 @@ def greedy_curves(units, path: Path, title: str) -> Path | None:
 
 
 def allocation(units, path: Path, title: str) -> Path:
-    plt = _pyplot()
-    frac = [u.kept / u.channels for u in units]
     overall = sum(u.kept for u in units) / max(sum(u.channels for u in units), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(units) + 3), 4.5))
-    ax.bar(range(len(units)), frac, color="tab:green")
-    ax.axhline(overall, color="k", ls="--", lw=1, label=f"all units: {overall:.2f}")
-    ax.set_xticks(range(len(units)), [u.producer for u in units], rotation=60, ha="right", fontsize=7)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("fraction of channels kept")
-    ax.set_xlabel("unit (producer), front to back")
-    ax.set_title(f"{title}\nallocation: the fraction each unit keeps")
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+
+    def draw(ax):
+        ax.bar(range(len(units)), [u.kept / u.channels for u in units], color="tab:green")
+        ax.axhline(overall, color="k", ls="--", lw=1, label=f"all units: {overall:.2f}")
+        ax.set_ylim(0, 1.05)
+    return _per_unit(units, path, f"{title}\nallocation: the fraction each unit keeps", "fraction of channels kept",
+                     draw)
 
 
 def write_report_plots(units, out: str | Path, title: str = "pruned model") -> list[Path]:
