@@ -57,3 +57,35 @@ def random_gram():
         X = torch.randn(samples or 2 * C + 3, C, generator=g, dtype=torch.float64)
         return (X.T @ X).to(dtype)
     return make
+
+
+def write_image_folder(root, classes, per_class: int, size: int, seed: int = 0):
+    """An ImageNet-layout folder of random RGB PNGs: ``root/<class>/<i>.png``."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            px = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(px).save(root / c / f"{i}.png")
+    return root
+
+
+class Preempted(Exception):
+    """A job killed mid-run (raised by :class:`StopAfter`)."""
+
+
+class StopAfter(torch.utils.data.Dataset):
+    """``ds``, but the (n+1)-th item raises: a job killed while loading a batch."""
+
+    def __init__(self, ds, n):
+        self.ds, self.left = ds, n
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if self.left == 0:
+            raise Preempted
+        self.left -= 1
+        return self.ds[i]

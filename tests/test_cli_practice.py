@@ -9,21 +9,14 @@ import pytest
 import torch
 
 import thinet_fast as tf
+from conftest import write_image_folder
 from thinet_fast.cli import build_parser, main
 
 
 @pytest.fixture
 def folder(tmp_path):
     """3 classes x 4 small RGB images, ImageNet layout."""
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    root = tmp_path / "imgs"
-    for c in ("ant", "bee", "cat"):
-        (root / c).mkdir(parents=True)
-        for i in range(4):
-            px = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(px).save(root / c / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path / "imgs", ("ant", "bee", "cat"), 4, 40)
 
 
 def _prune_args(folder, *extra):

@@ -16,7 +16,7 @@ import thinet_fast as tf
 from thinet_fast.cli import main
 from thinet_fast.cli.loading import CLIError, load_data
 
-from conftest import needs_fmnist
+from conftest import needs_fmnist, write_image_folder
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 
@@ -24,15 +24,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 @pytest.fixture
 def folder(tmp_path):
     """3 classes x 4 small RGB images, ImageNet layout."""
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    root = tmp_path / "imgs"
-    for c in ("ant", "bee", "cat"):
-        (root / c).mkdir(parents=True)
-        for i in range(4):
-            px = (torch.rand(12, 12, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(px).save(root / c / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path / "imgs", ("ant", "bee", "cat"), 4, 12)
 
 
 def _images(loader):

@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from thinet_fast import checkpoints_ft as ck
 from thinet_fast import distributed as D
 from thinet_fast import finetune
+from conftest import Preempted, StopAfter
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 
@@ -46,22 +47,6 @@ def _opts(world, rank):
                 temperature=2.0, val_data=val, val_every=3, seed=11, progress=False)
 
 
-class Preempted(Exception):
-    pass
-
-
-class StopAfter(Dataset):
-    def __init__(self, ds, n):
-        self.ds, self.left = ds, n
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        if self.left == 0:
-            raise Preempted
-        self.left -= 1
-        return self.ds[i]
 
 
 def _params(model):

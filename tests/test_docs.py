@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import thinet_fast
+from conftest import write_image_folder
 from thinet_fast.pipeline.options_doc import option_docs, render_options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,14 +41,7 @@ def _blocks(path: Path) -> list[str]:
 
 @pytest.fixture
 def imagenet_like(tmp_path):
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    root = tmp_path / "train"
-    for c in ("n01", "n02"):
-        (root / c).mkdir(parents=True)
-        for i in range(10):
-            Image.fromarray((torch.rand(48, 48, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / c / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path / "train", ("n01", "n02"), 10, 48)
 
 
 def _psd(c, seed):

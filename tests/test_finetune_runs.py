@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 import thinet_fast as tf
 from thinet_fast.models import DemoVGG
 from thinet_fast.training import distillation_loss
+from conftest import Preempted, StopAfter
 
 
 def _ds(n=32, seed=0):
@@ -35,24 +36,6 @@ def _lines(path):
         return [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) for line in f]
 
 
-class Preempted(Exception):
-    pass
-
-
-class StopAfter(Dataset):
-    """``ds``, but the (n+1)-th item raises: a job killed while loading a batch."""
-
-    def __init__(self, ds, n):
-        self.ds, self.left = ds, n
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        if self.left == 0:
-            raise Preempted
-        self.left -= 1
-        return self.ds[i]
 
 
 def test_validation_steps_checkpoints_and_log(tmp_path):
