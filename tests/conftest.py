@@ -89,3 +89,29 @@ class StopAfter(torch.utils.data.Dataset):
             raise Preempted
         self.left -= 1
         return self.ds[i]
+
+
+def _gloo_entry(rank, world, init_file, fn, args):
+    import sys
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        fn(rank, world, *args)
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
+    finally:
+        dist.destroy_process_group()
+    # gloo's worker threads can abort the process during interpreter finalisation
+    # (pytorch/pytorch#179291); the work and the teardown are done, so skip it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def spawn_gloo(fn, world: int, tmp_path, *args):
+    """Run ``fn(rank, world, *args)`` in ``world`` processes joined by a gloo group;
+    an error in any rank fails the caller with that rank's traceback."""
+    import torch.multiprocessing as mp
+    init = tmp_path / f"gloo-init-{fn.__name__}"
+    mp.spawn(_gloo_entry, args=(world, str(init), fn, args), nprocs=world, join=True)

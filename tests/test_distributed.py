@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import thinet_fast as tf
 from thinet_fast.models import DemoResNet
+from conftest import spawn_gloo
 
 
 def _setup():
@@ -25,24 +25,19 @@ def _collect(model, units, x):
                                  samples_per_image=None, num_images=len(x), dtype=torch.float64)
 
 
-def _worker(rank, world, init_file, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        model, x, units = _setup()
-        shard = x[rank::world]
-        stats = _collect(model, units, shard)
-        if rank == 0:
-            torch.save({p: (s.gram, s.cov, s.patch_sum, s.zeros, s.count, s.patch_count, s.elements)
-                        for p, s in stats.items()}, out)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, out):
+    model, x, units = _setup()
+    shard = x[rank::world]
+    stats = _collect(model, units, shard)
+    if rank == 0:
+        torch.save({p: (s.gram, s.cov, s.patch_sum, s.zeros, s.count, s.patch_count, s.elements)
+                    for p, s in stats.items()}, out)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 def test_two_processes_equal_one(tmp_path):
     out = tmp_path / "stats.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    spawn_gloo(_worker, 2, tmp_path, str(out))
     got = torch.load(out)
     model, x, units = _setup()
     want = _collect(model, units, x)
@@ -67,18 +62,13 @@ def _prune_setup(dtype):
     return model, x, kw  # samples_per_image: the default (10), drawn per image key
 
 
-def _prune_worker(rank, world, init_file, out, dtype):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        model, x, kw = _prune_setup(dtype)
-        shard = x[rank::world]  # as DistributedSampler(shuffle=False) shards it
-        res = tf.prune(model, [shard[i:i + 5] for i in range(0, len(shard), 5)],
-                       **dict(kw, num_images=len(shard)))
-        if rank == 0:
-            torch.save({"state": res.model.state_dict(), "kept": [u["kept"] for u in res.report.units]}, out)
-    finally:
-        dist.destroy_process_group()
+def _prune_worker(rank, world, out, dtype):
+    model, x, kw = _prune_setup(dtype)
+    shard = x[rank::world]  # as DistributedSampler(shuffle=False) shards it
+    res = tf.prune(model, [shard[i:i + 5] for i in range(0, len(shard), 5)],
+                   **dict(kw, num_images=len(shard)))
+    if rank == 0:
+        torch.save({"state": res.model.state_dict(), "kept": [u["kept"] for u in res.report.units]}, out)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
@@ -89,7 +79,7 @@ def test_two_process_prune_equals_one_process(tmp_path, dtype, tol):
     and weights equal up to the summation order of the statistics (float32 sums in
     another order differ by ~1e-7, which the full refits amplify)."""
     out = tmp_path / "pruned.pt"
-    mp.spawn(_prune_worker, args=(2, str(tmp_path / "init2"), str(out), dtype), nprocs=2, join=True)
+    spawn_gloo(_prune_worker, 2, tmp_path, str(out), dtype)
     got = torch.load(out)
     model, x, kw = _prune_setup(dtype)
     want = tf.prune(model, [x[i:i + 8] for i in range(0, len(x), 8)], **kw)

@@ -12,14 +12,13 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from thinet_fast import checkpoints_ft as ck
 from thinet_fast import distributed as D
 from thinet_fast import finetune
-from conftest import Preempted, StopAfter
+from conftest import Preempted, StopAfter, spawn_gloo
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 
@@ -53,50 +52,45 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _worker(rank, world, init_file, tmp):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _worker(rank, world, tmp):
+    if rank != 0:  # only rank 0 may write a checkpoint
+        def refuse(*a, **k):
+            raise AssertionError(f"rank {rank} wrote a checkpoint")
+        ck.write_checkpoint = ck.write_best = refuse
+    got = {}
+    # 1. equality with one process: no BN, no dropout, distillation, validation, checkpoints, log
+    model = _net(0)
+    train = D.shard_loader(_loader(_data()))
+    assert train.batch_size == GLOBAL_BATCH // world
+    res = finetune(model, train, checkpoint_dir=os.path.join(tmp, f"ck-rank{rank}"),
+                   log=os.path.join(tmp, f"log-rank{rank}.jsonl"), **_opts(world, rank))
+    got["plain"], got["plain_res"] = _params(model), res
+    # 2. dropout (drawn per rank): straight, then stopped after a checkpoint and resumed
+    model = _net(0, dropout=0.3)
+    finetune(model, D.shard_loader(_loader(_data())), **_opts(world, rank))
+    got["dropout"] = _params(model)
+    ckdir = os.path.join(tmp, "ck-resume")
+    per_step = GLOBAL_BATCH // world
+    try:  # every rank stops while loading step 8 (last.pt is from step 6, mid epoch 2)
+        finetune(_net(0, dropout=0.3), D.shard_loader(_loader(StopAfter(_data(), 7 * per_step))),
+                 checkpoint_dir=ckdir, **_opts(world, rank))
+        raise AssertionError("the run was not stopped")
+    except Preempted:
+        pass
+    model = _net(5, dropout=0.3)  # other weights: the checkpoint's replace them
+    res = finetune(model, D.shard_loader(_loader(_data())), checkpoint_dir=ckdir, resume=True,
+                   **_opts(world, rank))
+    got["resumed"], got["resumed_from"] = _params(model), res["resumed_from"]
+    # 3. an error on rank 0 reaches every rank; sync_bn on CPU is refused before any collective
     try:
-        torch.set_num_threads(1)
-        if rank != 0:  # only rank 0 may write a checkpoint
-            def refuse(*a, **k):
-                raise AssertionError(f"rank {rank} wrote a checkpoint")
-            ck.write_checkpoint = ck.write_best = refuse
-        got = {}
-        # 1. equality with one process: no BN, no dropout, distillation, validation, checkpoints, log
-        model = _net(0)
-        train = D.shard_loader(_loader(_data()))
-        assert train.batch_size == GLOBAL_BATCH // world
-        res = finetune(model, train, checkpoint_dir=os.path.join(tmp, f"ck-rank{rank}"),
-                       log=os.path.join(tmp, f"log-rank{rank}.jsonl"), **_opts(world, rank))
-        got["plain"], got["plain_res"] = _params(model), res
-        # 2. dropout (drawn per rank): straight, then stopped after a checkpoint and resumed
-        model = _net(0, dropout=0.3)
-        finetune(model, D.shard_loader(_loader(_data())), **_opts(world, rank))
-        got["dropout"] = _params(model)
-        ckdir = os.path.join(tmp, "ck-resume")
-        per_step = GLOBAL_BATCH // world
-        try:  # every rank stops while loading step 8 (last.pt is from step 6, mid epoch 2)
-            finetune(_net(0, dropout=0.3), D.shard_loader(_loader(StopAfter(_data(), 7 * per_step))),
-                     checkpoint_dir=ckdir, **_opts(world, rank))
-            raise AssertionError("the run was not stopped")
-        except Preempted:
-            pass
-        model = _net(5, dropout=0.3)  # other weights: the checkpoint's replace them
-        res = finetune(model, D.shard_loader(_loader(_data())), checkpoint_dir=ckdir, resume=True,
-                       **_opts(world, rank))
-        got["resumed"], got["resumed_from"] = _params(model), res["resumed_from"]
-        # 3. an error on rank 0 reaches every rank; sync_bn on CPU is refused before any collective
-        try:
-            D.from_rank0(lambda: (_ for _ in ()).throw(ValueError("only rank 0 saw this")))
-        except ValueError as exc:
-            got["error"] = str(exc)
-        try:
-            finetune(_net(0), D.shard_loader(_loader(_data())), steps=1, sync_bn=True, progress=False)
-        except ValueError as exc:
-            got["sync_bn"] = str(exc)
-        torch.save(got, os.path.join(tmp, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        D.from_rank0(lambda: (_ for _ in ()).throw(ValueError("only rank 0 saw this")))
+    except ValueError as exc:
+        got["error"] = str(exc)
+    try:
+        finetune(_net(0), D.shard_loader(_loader(_data())), steps=1, sync_bn=True, progress=False)
+    except ValueError as exc:
+        got["sync_bn"] = str(exc)
+    torch.save(got, os.path.join(tmp, f"rank{rank}.pt"))
 
 
 def _single(tmp):
@@ -111,7 +105,7 @@ def _worst(a, b):
 
 
 def test_two_processes_train_the_one_process_model_and_only_rank0_writes(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_worker, 2, tmp_path, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     want, want_res = _single(str(tmp_path))
     worst = _worst(r0["plain"], want)

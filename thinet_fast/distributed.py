@@ -77,6 +77,8 @@ def process_group_from_env(device=None):
     joined = init_from_env(device)
     try:
         yield
+        if joined:
+            dist.barrier()  # no rank tears its group down while a peer still talks to it
     finally:
         if joined:
             dist.destroy_process_group()
