@@ -22,6 +22,7 @@ from ..records import UnitRecord
 from ..units import Unit
 from .collect import StatsSpec, collect_accumulators, iter_batches, progress_bar
 from .decide import decide
+from .heads import run_heads
 from .keeps import n_keep_for, round_multiple
 from .methods import SelectContext, get_method, selection_backend
 
@@ -135,8 +136,9 @@ def _write(reader: Reader, keep: torch.Tensor, new_w: torch.Tensor, new_b, DG) -
 
 
 class CoupledStage:
-    """The coupled groups as one step of a schedule: ``run(model)`` prunes them and
-    keeps the refused roots in ``refused`` (a resumed run restores them instead)."""
+    """The coupled groups as one step of a schedule: ``run(model)`` prunes them, then
+    the attention heads (:mod:`thinet_fast.pipeline.heads`), and keeps the refused roots
+    in ``refused`` (a resumed run restores them instead)."""
 
     def __init__(self, example, data, cfg, device, spec, timer, *, skip=(), ignored_layers=()):
         self._args = (example, data, cfg, device, spec, timer)
@@ -145,7 +147,9 @@ class CoupledStage:
 
     def run(self, model: nn.Module) -> list[UnitRecord]:
         records, self.refused = run_coupled(model, *self._args, **self._kw)
-        return records
+        heads, refused = run_heads(model, *self._args, first_index=len(records))
+        self.refused += refused
+        return records + heads
 
 
 def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, timer, *, skip=(),
