@@ -4,7 +4,10 @@ For each model (random init, the same calibration images): Torch-Pruning's magni
 pruner at ``pruning_ratio`` (every group, uniform), Torch-Pruning with thinet_fast's
 ``ThiNetImportance``, and ``thinet_fast.prune(keep=1 - ratio, coupled="prune")``.
 Printed: parameters after pruning, relative output deviation from the unpruned model on
-held-out images, wall time.
+held-out images, wall time. Where ``prune`` lands more than 2% away from Torch-Pruning's
+parameter count (it keeps the channels a LayerNorm normalises together), Torch-Pruning
+magnitude is also run at the ratio that gives ``prune``'s count (bisection), so each
+model has one comparison at equal parameters.
 
     .venv/bin/python -W ignore bench/vs_torch_pruning.py resnet50 densenet121 mobilenet_v2
 """
@@ -92,7 +95,26 @@ def run(name: str, images: int, size: int, ratio: float, seed: int = 0, bn_stats
     for key, recon in (("thinet_fast", "scale"), ("thinet_fast_full", "full")):
         rows[key] = _timed(lambda: tf.prune(model, calib, keep=1 - ratio, num_images=images, coupled="prune",
                                             reconstruction=recon, progress=False).model, model, held)
+    ours, theirs = rows["thinet_fast_full"][0], rows["tp_magnitude"][0]
+    rows["tp_matched"] = None
+    if ours is not None and theirs is not None and abs(ours - theirs) > 0.02 * ours:
+        rows["tp_matched"] = _matched(model, calib, held, ours, ratio)
     return rows
+
+
+def _matched(model, calib, held, target: int, ratio: float):
+    """Torch-Pruning magnitude at the ratio whose parameter count is closest to ``target``."""
+    lo, hi = 0.0, 0.95
+    best = None
+    for _ in range(12):
+        r = (lo + hi) / 2
+        cell = _timed(lambda: _tp(model, calib, tp.importance.MagnitudeImportance(p=1), r), model, held)
+        if cell[0] is None:
+            return cell
+        if best is None or abs(cell[0] - target) < abs(best[0] - target):
+            best = cell + (r,)
+        lo, hi = (r, hi) if cell[0] > target else (lo, r)
+    return best
 
 
 def _cell(r):
@@ -111,12 +133,14 @@ def main():
                          "chaotic: 3%% weight noise on the first conv moves resnet50's output by 56%%)")
     args = ap.parse_args()
     print("| model | params | TP magnitude: params, dev, s | TP + ThiNetImportance | prune(coupled), scale "
-          "| prune(coupled), full refit |")
-    print("|---|---|---|---|---|---|")
+          "| prune(coupled), full refit | TP magnitude at prune's params (ratio) |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.models:
         r = run(name, args.images, args.size, args.ratio, bn_stats=args.bn_stats)
         cells = [_cell(r[k]) for k in ("tp_magnitude", "tp_thinet_importance", "thinet_fast",
                                          "thinet_fast_full")]
+        m = r["tp_matched"]
+        cells.append("same params" if m is None else _cell(m[:3]) + (f" ({m[3]:.3f})" if len(m) > 3 else ""))
         print(f"| {name} | {r['params'] / 1e6:.2f}M | " + " | ".join(cells) + " |", flush=True)
 
 

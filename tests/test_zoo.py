@@ -1,7 +1,8 @@
 """torchvision models pruned with coupled="prune" at keep 0.5 (random init, small
 inputs): each runs, gives finite output, round-trips through save/load, and loses at
-least 35% of its parameters (attention heads included: :mod:`thinet_fast.attention`). ``THINET_FAST_ZOO=all`` runs every classification, segmentation and detection
-model (detectors keep every box: score threshold 0)."""
+least 35% of its parameters (attention heads included: :mod:`thinet_fast.attention`).
+``THINET_FAST_ZOO=all`` runs every classification, segmentation and detection model
+(detectors keep every box: score threshold 0)."""
 from __future__ import annotations
 
 import os

@@ -93,7 +93,10 @@ class PruneConfig:
             "prune": coupled groups (residual adds, concats, grouped convs, SE gates)
             found with Torch-Pruning's DependencyGraph are pruned too, selected on the sum
             of every reader's Gram and every reader reconstructed (one statistics pass
-            after the plain units; see :mod:`thinet_fast.pipeline.coupled`).
+            after the plain units; see :mod:`thinet_fast.pipeline.coupled`); then the
+            heads of every supported attention module (``nn.MultiheadAttention``,
+            Swin, MaxViT), selected on the output projection's head-summed Gram, the
+            projection refitted (:mod:`thinet_fast.pipeline.heads`).
         leaf_modules: module fqns torch.fx should not trace into (code fx cannot trace).
         ignored_layers: module fqns never pruned (with their submodules), as producers
             or inside a coupled group.
