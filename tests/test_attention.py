@@ -262,3 +262,44 @@ def test_a_small_maxvit_prunes_its_heads_and_round_trips(tmp_path):
     assert torch.isfinite(y).all()
     tf.save(res.model, tmp_path / "x.safetensors")
     assert torch.allclose(tf.load(tmp_path / "x.safetensors")(x), y, atol=1e-6)
+
+
+def test_a_finished_checkpoint_restores_the_head_pruned_model(tmp_path, monkeypatch):
+    import thinet_fast.pipeline.coupled as coupled
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    x = torch.randn(32, 7, 6, generator=_gen(16))
+    opts = dict(keep=0.5, num_images=32, coupled="prune", progress=False)
+    path = tmp_path / "run.ckpt"
+    first = tf.prune(model, x, resume=str(path), **opts)
+
+    def crash(*a, **k):
+        raise AssertionError("the finished stage ran again")
+    monkeypatch.setattr(coupled, "run_heads", crash)
+    again = tf.prune(model, x, resume=str(path), **opts)
+    assert sum(isinstance(m, HeadPrunedAttention) for m in again.model.modules()) == 2
+    for (k, a), (_, b) in zip(first.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_attention_counts_as_one_layer_whatever_its_path_and_dry_run_plans_its_heads():
+    torch.manual_seed(0)
+    E, L, H = 32, 7, 4
+    model = _Tiny(E=E, H=H).eval()
+    x = torch.randn(1, L, 6, generator=_gen(17))
+    prof = tf.counting.profile(model, x)
+    attn = [r for r in prof.layers if r.kind == "MultiheadAttention"]
+    # brute force: q, k, v and output projections (4·L·E² MACs) and the two attention products (2·L²·E)
+    want = 2 * (4 * L * E * E + 2 * L * L * E)
+    print("attention FLOPs counted", [r.flops for r in attn], "brute force", want)
+    assert len(attn) == 2 and all(r.flops == want for r in attn)
+    assert not any(r.name.endswith("out_proj") for r in prof.layers)
+    only = dict(keep=0.5, coupled="prune", filter_fn=lambda m, fqn: isinstance(m, nn.MultiheadAttention))
+    plan = tf.dry_run(model, x, **only)  # the dry run plans heads, not channel groups: heads only here
+    res = tf.prune(model, torch.randn(16, L, 6, generator=_gen(18)), num_images=16, progress=False, **only)
+    heads = [u for u in plan.units if u.producer.endswith("self_attn")]
+    assert [(u.channels, u.kept) for u in heads] == [(H, H // 2)] * 2
+    # the pruned twin counts the same way: half the heads, half of every attention term
+    pruned = [r for r in tf.counting.profile(res.model, x).layers if r.kind == "HeadPrunedAttention"]
+    assert all(r.flops == want // 2 for r in pruned)
+    assert plan.params[1] == tf.count_params(res.model)

@@ -32,7 +32,7 @@ from .modules import set_module
 
 __all__ = ["HeadSite", "find_heads", "pre_projection", "cut_heads", "HeadPrunedAttention",
            "HeadPrunedWindowAttention", "HeadPrunedWindowAttentionV2", "HeadPrunedRelativeAttention",
-           "window_attention"]
+           "window_attention", "ATTENTION_TYPES"]
 
 
 @dataclass
@@ -352,3 +352,8 @@ class HeadPrunedRelativeAttention(RelativePositionalMultiHeadAttention):
         scores = q @ (k * self.scale_factor).transpose(-2, -1) + self.get_relative_positional_bias()
         out = torch.softmax(scores, dim=-1) @ v                      # (B, G, H, P, d)
         return self.merge(out.transpose(2, 3).reshape(B, G, P, H * d))
+
+
+#: attention modules counted as one layer (projections and attention products together)
+ATTENTION_TYPES = (nn.MultiheadAttention, HeadPrunedAttention, ShiftedWindowAttention,
+                   RelativePositionalMultiHeadAttention)

@@ -8,7 +8,9 @@
   MACs), biases, BatchNorm, activations and pooling not counted. This is the convention
   that gives VGG-16 = 30.94 GFLOPs and ResNet-50 (torchvision, v1.5) = 8.18 GFLOPs at
   224x224. FLOPs are for the whole ``example_input`` you pass: use batch 1 for
-  per-image figures.
+  per-image figures. An attention module (``nn.MultiheadAttention``, Swin's and
+  MaxViT's, and their head-pruned twins) counts as one layer: its projections and
+  attention products, however it computes them (functional projections included).
 - **Size**: ``model_size_mb`` counts parameter (and, by default, buffer) bytes divided by
   2**20 (MiB). The paper's "527 MB" for VGG-16 is 138.36M float32 parameters x 4 bytes /
   2**20 = 527.8.
@@ -25,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .attention import ATTENTION_TYPES
 from .tables import format_table
 from .tracing import shape_forward
 
@@ -112,21 +115,25 @@ def _as_tuple(x: ExampleInputs) -> tuple:
 
 def profile(model: nn.Module, example_input: ExampleInputs) -> Profile:
     """Run one shape-only forward and return the counts: FLOPs from torch's
-    ``FlopCounterMode`` (2 x MACs), attributed to each Conv/Linear module (the paper's
-    convention: other ops, e.g. attention matmuls, are not counted); shapes and
-    parameters from hooks on those modules."""
+    ``FlopCounterMode`` (2 x MACs), attributed to each Conv/Linear and attention module
+    (the paper's convention: other ops are not counted); shapes and parameters from
+    hooks on those modules."""
     records: list[tuple] = []
     names = {m: n for n, m in model.named_modules()}
     handles = []
 
     def hook(m, args, out):
         inp = args[0] if args else None
+        out = out[0] if isinstance(out, tuple) else out
         records.append((names.get(m, type(m).__name__), type(m).__name__,
                         tuple(inp.shape) if isinstance(inp, torch.Tensor) else (), tuple(out.shape),
-                        sum(p.numel() for p in m.parameters(recurse=False))))
+                        sum(p.numel() for p in m.parameters(recurse=isinstance(m, ATTENTION_TYPES)))))
 
+    # an attention module's own Linears are part of its count, not layers of their own
+    inside = {id(c) for m in model.modules() if isinstance(m, ATTENTION_TYPES) for c in m.modules() if c is not m}
     for m in model.modules():
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+        if isinstance(m, ATTENTION_TYPES) or (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+                                               and id(m) not in inside):
             handles.append(m.register_forward_hook(hook))
     inputs = _as_tuple(example_input)
     counter = {}

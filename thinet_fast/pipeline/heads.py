@@ -28,7 +28,7 @@ from .decide import decide
 from .keeps import n_keep_for
 from .methods import SelectContext, get_method, selection_backend
 
-__all__ = ["run_heads", "head_statistics", "head_gram"]
+__all__ = ["run_heads", "head_statistics", "head_gram", "heads_kept", "wanted"]
 
 
 def head_gram(stats: Statistics, heads: int) -> Statistics:
@@ -87,7 +87,8 @@ class _HeadNorms(nn.Module):
         self.weight = nn.Parameter(v[:, None], requires_grad=False)
 
 
-def _wanted(site: HeadSite, cfg) -> bool:
+def wanted(site: HeadSite, cfg) -> bool:
+    """Whether ``cfg`` (units=, a keep dict, filter_fn) selects the site."""
     if cfg.units is not None:
         return site.name in cfg.units
     if isinstance(cfg.keep, dict):
@@ -95,11 +96,16 @@ def _wanted(site: HeadSite, cfg) -> bool:
     return cfg.filter_fn is None or bool(cfg.filter_fn(site.module, site.name))
 
 
-def _decide_site(model, site: HeadSite, stats: Statistics, cfg, device, index: int) -> UnitRecord:
-    t0 = time.perf_counter()
+def heads_kept(site: HeadSite, cfg) -> int:
+    """Heads the site keeps: ``keep`` (a fraction, or a count in a keep dict) of them."""
     fraction = cfg.keep.get(site.name, 0.5) if isinstance(cfg.keep, dict) else (0.5 if cfg.keep is None
                                                                               else cfg.keep)
-    n_keep = n_keep_for(site.heads, fraction, f"keep for the heads of `{site.name}`")
+    return n_keep_for(site.heads, fraction, f"keep for the heads of `{site.name}`")
+
+
+def _decide_site(model, site: HeadSite, stats: Statistics, cfg, device, index: int) -> UnitRecord:
+    t0 = time.perf_counter()
+    n_keep = heads_kept(site, cfg)
     hs = head_gram(stats, site.heads)
     if n_keep >= site.heads:
         keep, curve = torch.arange(site.heads), None
@@ -131,7 +137,7 @@ def run_heads(model: nn.Module, example, data, cfg, device, spec, timer, *, firs
     records and the refused modules ``(fqn, reason)``."""
     with timer.phase("groups"):
         sites, refused = find_heads(model, cfg.ignored_layers)
-        sites = [s for s in sites if _wanted(s, cfg)]
+        sites = [s for s in sites if wanted(s, cfg)]
     if not sites:
         return [], refused
     widths = output_widths(model, example)

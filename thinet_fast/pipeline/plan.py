@@ -93,6 +93,25 @@ def dry_run(model: nn.Module, example: torch.Tensor, config: PruneConfig | None 
         p_prev, f_prev = count_params(work), count_flops(work, example[:1])
     notes = [untraced] if untraced else []
     if cfg.coupled == "prune":
-        notes.append("coupled groups are not planned here (their widths depend on the graph engine); "
-                     "the totals cover the plain units only")
+        rows += _plan_heads(work, example, cfg)
+        p_prev, f_prev = count_params(work), count_flops(work, example[:1])
+        notes.append("coupled channel groups are not planned here (their widths depend on the graph engine); "
+                     "the totals cover the plain units and the attention heads")
     return DryRun(rows, (p0, p_prev), (f0, f_prev), [(r.producer, r.reason) for r in plan.refused], notes)
+
+
+def _plan_heads(work: nn.Module, example, cfg) -> list[PlannedUnit]:
+    """Each attention module's heads cut to the count prune() keeps (channels = heads)."""
+    from ..attention import cut_heads, find_heads
+    from .heads import heads_kept, wanted
+
+    rows = []
+    p, f = count_params(work), count_flops(work, example[:1])
+    for site in [s for s in find_heads(work, cfg.ignored_layers)[0] if wanted(s, cfg)]:
+        n, d, proj = heads_kept(site, cfg), site.head_dim, site.projection
+        cols = torch.arange(n * d)
+        cut_heads(work, site, torch.arange(n), proj.weight[:, cols], proj.bias)
+        p1, f1 = count_params(work), count_flops(work, example[:1])
+        rows.append(PlannedUnit(site.name, f"{site.name}.{site.projection_name}", site.heads, n, p - p1, f - f1))
+        p, f = p1, f1
+    return rows
