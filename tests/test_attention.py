@@ -303,3 +303,21 @@ def test_attention_counts_as_one_layer_whatever_its_path_and_dry_run_plans_its_h
     pruned = [r for r in tf.counting.profile(res.model, x).layers if r.kind == "HeadPrunedAttention"]
     assert all(r.flops == want // 2 for r in pruned)
     assert plan.params[1] == tf.count_params(res.model)
+
+
+def test_a_head_cut_that_breaks_the_forward_is_an_error(monkeypatch):
+    import thinet_fast.pipeline.heads as heads
+    import thinet_fast.regions as regions
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    real, calls = regions.output_widths, []
+
+    def widths(m, ex):
+        calls.append(1)
+        return real(m, ex) if len(calls) == 1 else [(-1,)]  # pretend the cut changed an output
+    monkeypatch.setattr(heads, "output_widths", widths)
+    monkeypatch.setattr(regions, "output_widths", widths)
+    with pytest.raises(RuntimeError, match="attention heads of enc.layers.0.self_attn"):
+        tf.prune(model, torch.randn(16, 7, 6, generator=_gen(19)), keep=0.5, num_images=16, coupled="prune",
+                 progress=False, filter_fn=lambda m, fqn: isinstance(m, nn.MultiheadAttention))
+    assert isinstance(model.enc.layers[0].self_attn, nn.MultiheadAttention)  # the caller's model is whole

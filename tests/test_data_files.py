@@ -184,6 +184,20 @@ def _pairs(cache, plain):
     return [(cache[i], plain[i]) for i in range(len(plain))]
 
 
+def _counted_folder(tmp_path):
+    """A good image folder whose every file open is counted: (dataset, counter)."""
+    make_folder(tmp_path, bad=False)
+    ds = image_folder(tmp_path, image_size=SIZE)
+    ds.loader = counting = CountingLoader(ds.loader, tmp_path / "opens.log")
+    return ds, counting
+
+
+def _assert_each_opened_once(counting, n: int) -> None:
+    opens = counting.counts()
+    print(opens)
+    assert len(opens) == n and set(opens.values()) == {1}
+
+
 def test_decoded_equals_uncached_exactly(tmp_path):
     make_folder(tmp_path)
     ds = image_folder(tmp_path, image_size=SIZE, skip_bad=True)
@@ -201,37 +215,28 @@ def test_decoded_equals_uncached_exactly(tmp_path):
 
 
 def test_decoded_reads_each_file_once(tmp_path):
-    make_folder(tmp_path, bad=False)
-    ds = image_folder(tmp_path, image_size=SIZE)
-    ds.loader = counting = CountingLoader(ds.loader, tmp_path / "opens.log")
+    ds, counting = _counted_folder(tmp_path)
     cache = decoded(tfdata.per_class_subset(ds, 3))
     for _ in range(3):
         for i in range(len(cache)):
             cache[i]
-    opens = counting.counts()
-    print(opens)
-    assert len(opens) == len(cache) and set(opens.values()) == {1}
+    _assert_each_opened_once(counting, len(cache))
 
 
 def test_decoded_shared_by_workers_across_passes(tmp_path):
-    make_folder(tmp_path, bad=False)
-    ds = image_folder(tmp_path, image_size=SIZE)
-    expect = torch.stack([ds[i][0] for i in range(len(ds))])
-    ds.loader = counting = CountingLoader(ds.loader, tmp_path / "opens.log")
+    ds, counting = _counted_folder(tmp_path)
+    plain = image_folder(tmp_path, image_size=SIZE)  # its reads are not counted
+    expect = torch.stack([plain[i][0] for i in range(len(plain))])
     cache = decoded(ds)
     for _ in range(3):  # each pass starts new workers; the store outlives them
         x = torch.cat([b[0] for b in tfdata.loader(cache, batch_size=2, workers=2)])
         print("max |diff| cached (workers) vs uncached:", (x - expect).abs().max().item())
         assert torch.equal(x, expect)
-    opens = counting.counts()
-    print(opens)
-    assert len(opens) == len(ds) and set(opens.values()) == {1}
+    _assert_each_opened_once(counting, len(ds))
 
 
 def test_decoded_beyond_budget_decodes_each_time(tmp_path):
-    make_folder(tmp_path, bad=False)
-    ds = image_folder(tmp_path, image_size=SIZE)
-    ds.loader = counting = CountingLoader(ds.loader, tmp_path / "opens.log")
+    ds, counting = _counted_folder(tmp_path)
     cache = decoded(ds, max_bytes=2 * 3 * SIZE * SIZE + 1)  # room for two images
     assert cache.capacity == 2
     for _ in range(3):

@@ -200,7 +200,9 @@ def test_a_cut_that_breaks_the_forward_is_an_error(monkeypatch):
         w = real(m, ex)
         return w if len(calls) == 1 else [(-1,)]  # pretend the cut changed an output
 
-    monkeypatch.setattr(coupled, "output_widths", widths)
+    import thinet_fast.regions as regions
+    monkeypatch.setattr(coupled, "output_widths", widths)  # the widths before the cut
+    monkeypatch.setattr(regions, "output_widths", widths)  # check_widths: after it
     with pytest.raises(RuntimeError, match="changed the model's forward"):
         tf.prune(model, x, keep=0.5, num_images=16, coupled="prune", progress=False)
     assert model.body.c0.out_channels == 8  # the caller's model is whole

@@ -29,6 +29,7 @@ from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
 from .modules import set_module
+from .ops.reconstruct import channel_taps
 
 __all__ = ["HeadSite", "find_heads", "pre_projection", "cut_heads", "HeadPrunedAttention",
            "HeadPrunedWindowAttention", "HeadPrunedWindowAttentionV2", "HeadPrunedRelativeAttention",
@@ -116,7 +117,7 @@ def pre_projection(site: HeadSite):
 
 def _head_rows(keep: torch.Tensor, head_dim: int, width: int) -> torch.Tensor:
     """Rows of a fused (q; k; v) projection of ``width`` rows per part for the kept heads."""
-    one = (keep[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    one = channel_taps(keep, head_dim)
     return torch.cat([one + i * width for i in range(3)])
 
 
@@ -176,7 +177,7 @@ def _cut_torchvision(m: nn.Module, keep: torch.Tensor, rows: torch.Tensor, d: in
             setattr(new, k, v)
     for k, v in m._buffers.items():
         new.register_buffer(k, v, persistent=k not in m._non_persistent_buffers_set)
-    cols = (keep[:, None] * d + torch.arange(d)).reshape(-1)
+    cols = channel_taps(keep, d)
     if cls is HeadPrunedRelativeAttention:
         new.n_heads, new.head_dim = keep.numel(), d
         new.to_qkv = _linear(m.to_qkv, rows=rows)

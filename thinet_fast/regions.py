@@ -176,3 +176,15 @@ def output_widths(model: nn.Module, example_inputs) -> list[tuple[int, ...]]:
     with preserved_modes(model, train=False):
         out = model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
     return [tuple(t.shape[1:]) for t in _tensors(out) if _marked(t)]
+
+
+def check_widths(model: nn.Module, example_inputs, widths, what: str, hint: str) -> None:
+    """Never hand back a model that a cut broke: it must still run, with outputs as wide
+    as ``widths`` (from :func:`output_widths` before the cut). ``what`` was cut; ``hint``
+    ends the error: the likely cause and the fix."""
+    try:
+        now = output_widths(model, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - reported below
+        now = f"{type(exc).__name__}: {exc}"[:300]
+    if now != widths:
+        raise RuntimeError(f"cutting {what} changed the model's forward ({now}; output widths were {widths}){hint}")

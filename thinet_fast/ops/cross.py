@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .patches import ConsumerGeometry, gather_patches, gather_patches_ref
-from .reconstruct import DEFAULT_RIDGE, _check_square, _keep_index, _lam, _ridge_solve, _taps
+from .reconstruct import DEFAULT_RIDGE, _check_square, _keep_index, _lam, _ridge_solve, channel_taps
 
 __all__ = ["cross_moments", "cross_moments_ref", "channel_gram", "channel_gram_ref", "refit_towards",
            "refit_towards_ref", "scale_towards", "scale_towards_ref", "towards_error"]
@@ -94,7 +94,7 @@ def refit_towards(kernel: torch.Tensor, P_cur: torch.Tensor, Q: torch.Tensor, ke
     W = kernel.reshape(K, C, -1).double()
     t = W.shape[2]
     S = _keep_index(keep, C, kernel.device)
-    taps = _taps(S, t)
+    taps = channel_taps(S, t)
     A = P_cur.double()[taps][:, taps]
     B = Q.double()[taps] @ W.reshape(K, C * t).T           # Σ z'_S (W z)ᵀ
     prior = W.reshape(K, C * t)[:, taps].T

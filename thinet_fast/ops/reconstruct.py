@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["ls_scale", "refit_full", "bias_compensation", "scale_error", "refit_error", "heldout_error",
-           "choose_scale_ridge", "refit_full_cv", "refit_full_dual", "DEFAULT_RIDGE", "RIDGES"]
+           "choose_scale_ridge", "refit_full_cv", "refit_full_dual", "channel_taps", "DEFAULT_RIDGE", "RIDGES"]
 
 DEFAULT_RIDGE = 1e-8
 # relative ridges tried on the held-out fold, strongest first; inf keeps the unpruned
@@ -36,7 +36,7 @@ def _check_square(A, name: str) -> None:
         raise ValueError(f"{name} contains NaN or Inf; check the statistics (a diverged model or an fp16 overflow)")
 
 
-def _taps(S: torch.Tensor, t: int) -> torch.Tensor:
+def channel_taps(S: torch.Tensor, t: int) -> torch.Tensor:
     """Columns of vec(z) (channel-major) that belong to the channels S."""
     return (S[:, None] * t + torch.arange(t, device=S.device)).reshape(-1)
 
@@ -52,7 +52,7 @@ def _kept_rows(kernel: torch.Tensor, cov: torch.Tensor, keep):
         raise ValueError(f"cov has shape {tuple(cov.shape)}; expected ({C * t}, {C * t}) for C={C}, t={t}")
     _check_square(cov, "cov")
     S = _keep_index(keep, C, kernel.device)
-    taps = _taps(S, t)
+    taps = channel_taps(S, t)
     rows = cov.to(kernel.device)[taps]
     rhs = (rows @ kernel.reshape(K, C * t).to(rows.dtype).T).double()
     return W, S, taps, rhs, rows[:, taps].double()
@@ -300,7 +300,7 @@ def refit_full_dual(kernel: torch.Tensor, patches: torch.Tensor, keep, held: tor
     if not torch.isfinite(Z.sum()):
         raise ValueError("patches contain NaN or Inf; check the statistics (a diverged model or an fp16 overflow)")
     S = _keep_index(keep, C, kernel.device)
-    taps = _taps(S, t)
+    taps = channel_taps(S, t)
     fit = torch.ones(Z.shape[0], dtype=torch.bool, device=Z.device)
     fit[held.to(Z.device)] = False
     if not 0 < int(fit.sum()) < Z.shape[0]:

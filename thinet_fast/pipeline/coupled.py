@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..groups import ChannelGroup, Reader, analyse, find_groups, input_shapes
-from ..regions import output_widths
+from ..regions import check_widths, output_widths
+from ..ops.reconstruct import channel_taps
 from ..ops.stats import Statistics
 from ..records import UnitRecord
 from ..units import Unit
@@ -117,7 +118,7 @@ def _write(reader: Reader, keep: torch.Tensor, new_w: torch.Tensor, new_b, DG) -
             w[:, keep.to(w.device)] = new_w
         else:
             t = reader.taps
-            cols = (keep[:, None] * t + torch.arange(t)).reshape(-1).to(w.device)
+            cols = channel_taps(keep, t).to(w.device)
             w.zero_()
             w[:, cols] = new_w.reshape(w.shape[0], -1).to(w)
         if new_b is None:
@@ -204,16 +205,9 @@ def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, t
 
 
 def _check_forward(model, example, widths, names) -> None:
-    """Never hand back a model that a cut broke: it must still run, with outputs as wide."""
-    try:
-        now = output_widths(model, example)
-    except Exception as exc:
-        now = f"{type(exc).__name__}: {exc}"[:300]
-    if now != widths:
-        raise RuntimeError(f"cutting the coupled group(s) {', '.join(names)} changed the model's forward ({now}; "
-                           f"output widths were {widths}): the graph missed a layer that reads these channels. "
-                           "Add the group's root to ignored_layers (the caller's model is unchanged), and please "
-                           "report the model")
+    check_widths(model, example, widths, f"the coupled group(s) {', '.join(names)}",
+                 ": the graph missed a layer that reads these channels. Add the group's root to ignored_layers "
+                 "(the caller's model is unchanged), and please report the model")
 
 
 def _fresh(g: ChannelGroup, shapes) -> ChannelGroup:

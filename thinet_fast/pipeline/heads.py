@@ -19,9 +19,10 @@ from torch import nn
 
 from ..attention import HeadSite, cut_heads, find_heads, pre_projection
 from ..ops.patches import ConsumerGeometry, tokens_as_map
+from ..ops.reconstruct import channel_taps
 from ..ops.stats import Statistics
 from ..records import UnitRecord
-from ..regions import output_widths
+from ..regions import check_widths, output_widths
 from ..units import Unit
 from .collect import _collect, iter_batches, progress_bar
 from .decide import decide
@@ -42,7 +43,7 @@ def head_gram(stats: Statistics, heads: int) -> Statistics:
                       backend=stats.backend)
 
 
-def _unit(site: HeadSite, index: int) -> Unit:
+def _unit(site: HeadSite) -> Unit:
     proj = site.projection
     return Unit(site.name, (), f"{site.name}.{site.projection_name}", proj.in_features, 1, "linear", tokens=True,
                 consumer_out=proj.out_features)
@@ -103,7 +104,7 @@ def heads_kept(site: HeadSite, cfg) -> int:
     return n_keep_for(site.heads, fraction, f"keep for the heads of `{site.name}`")
 
 
-def _decide_site(model, site: HeadSite, stats: Statistics, cfg, device, index: int) -> UnitRecord:
+def _decide_site(model, site: HeadSite, stats: Statistics, cfg, device) -> UnitRecord:
     t0 = time.perf_counter()
     n_keep = heads_kept(site, cfg)
     hs = head_gram(stats, site.heads)
@@ -115,9 +116,9 @@ def _decide_site(model, site: HeadSite, stats: Statistics, cfg, device, index: i
         sel = get_method(cfg.method).select(hs, n_keep, ctx)
         keep, curve = sel.keep.cpu().sort().values, sel.curve
     d = site.head_dim
-    channels = (keep[:, None] * d + torch.arange(d)).reshape(-1)
+    channels = channel_taps(keep, d)
     proj = site.projection
-    unit = _unit(site, index)
+    unit = _unit(site)
     dec = decide(unit, stats, channels.numel(), None, proj, method=cfg.method, reconstruction=cfg.reconstruction,
                  bias_compensation=cfg.bias_compensation, seed=cfg.seed, backend=cfg.backend, ridge=cfg.ridge,
                  selection=(channels, None))
@@ -144,23 +145,16 @@ def run_heads(model: nn.Module, example, data, cfg, device, spec, timer, *, firs
     records = []
     if cfg.schedule == "sequential":
         for i, site in enumerate(sites):
-            site = next(s for s in find_heads(model, cfg.ignored_layers)[0] if s.name == site.name)
             with progress_bar(spec.pass_images, f"[{i + 1}/{len(sites)}] heads {site.name}", cfg.progress) as bar:
                 stats = head_statistics(model, [site], iter_batches(data, spec.num_images, device), spec,
                                         first_index=first_index + i, bar=bar, timer=timer)
-            records.append(_decide_site(model, site, stats[site.name], cfg, device, first_index + i))
+            records.append(_decide_site(model, site, stats[site.name], cfg, device))
     else:
         with progress_bar(spec.pass_images, "statistics (heads)", cfg.progress) as bar:
             stats = head_statistics(model, sites, iter_batches(data, spec.num_images, device), spec,
                                     first_index=first_index, bar=bar, timer=timer)
         for i, site in enumerate(sites):
-            records.append(_decide_site(model, site, stats[site.name], cfg, device, first_index + i))
-    try:
-        now = output_widths(model, example)
-    except Exception as exc:  # noqa: BLE001 - reported below
-        now = f"{type(exc).__name__}: {exc}"[:300]
-    if now != widths:
-        raise RuntimeError(f"cutting the attention heads of {', '.join(s.name for s in sites)} changed the model's "
-                           f"forward ({now}; output widths were {widths}). Add them to ignored_layers (the "
-                           "caller's model is unchanged), and please report the model")
+            records.append(_decide_site(model, site, stats[site.name], cfg, device))
+    check_widths(model, example, widths, f"the attention heads of {', '.join(s.name for s in sites)}",
+                 ". Add them to ignored_layers (the caller's model is unchanged), and please report the model")
     return records, refused

@@ -93,20 +93,22 @@ def dry_run(model: nn.Module, example: torch.Tensor, config: PruneConfig | None 
         p_prev, f_prev = count_params(work), count_flops(work, example[:1])
     notes = [untraced] if untraced else []
     if cfg.coupled == "prune":
-        rows += _plan_heads(work, example, cfg)
-        p_prev, f_prev = count_params(work), count_flops(work, example[:1])
+        heads = _plan_heads(work, example, cfg, p_prev, f_prev)
+        rows += heads
+        p_prev -= sum(r.params_saved for r in heads)
+        f_prev -= sum(r.flops_saved for r in heads)
         notes.append("coupled channel groups are not planned here (their widths depend on the graph engine); "
                      "the totals cover the plain units and the attention heads")
     return DryRun(rows, (p0, p_prev), (f0, f_prev), [(r.producer, r.reason) for r in plan.refused], notes)
 
 
-def _plan_heads(work: nn.Module, example, cfg) -> list[PlannedUnit]:
-    """Each attention module's heads cut to the count prune() keeps (channels = heads)."""
+def _plan_heads(work: nn.Module, example, cfg, p: int, f: int) -> list[PlannedUnit]:
+    """Each attention module's heads cut to the count prune() keeps (channels = heads);
+    ``p``, ``f``: the model's parameters and FLOPs now."""
     from ..attention import cut_heads, find_heads
     from .heads import heads_kept, wanted
 
     rows = []
-    p, f = count_params(work), count_flops(work, example[:1])
     for site in [s for s in find_heads(work, cfg.ignored_layers)[0] if wanted(s, cfg)]:
         n, d, proj = heads_kept(site, cfg), site.head_dim, site.projection
         cols = torch.arange(n * d)
