@@ -73,13 +73,14 @@ class Region(nn.Module):
     def __init__(self, body: nn.Module, outputs: list[torch.Tensor], inputs: list[torch.Tensor] = ()):
         super().__init__()
         self.body = body
-        self.entries = nn.ModuleList(Entry(t.shape[1]) for t in inputs if _marked(t))
+        # on the tensors' device: a shape-only (meta) model gets meta markers
+        self.entries = nn.ModuleList(Entry(t.shape[1], device=t.device) for t in inputs if _marked(t))
         self.exits = nn.ModuleList()
         for t in outputs:
             if _marked(t):
-                self.exits.append(Exit(t.shape[1]))
+                self.exits.append(Exit(t.shape[1], device=t.device))
                 if t.dim() == 3:
-                    self.exits.append(TokenExit(t.shape[-1], 1, bias=False))
+                    self.exits.append(TokenExit(t.shape[-1], 1, bias=False, device=t.device))
 
     def forward(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         entries = iter(self.entries)
