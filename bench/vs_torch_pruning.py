@@ -6,8 +6,10 @@ pruner at ``pruning_ratio`` (every group, uniform), Torch-Pruning with thinet_fa
 Printed: parameters after pruning, relative output deviation from the unpruned model on
 held-out images, wall time. Where ``prune`` lands more than 2% away from Torch-Pruning's
 parameter count (it keeps the channels a LayerNorm normalises together), Torch-Pruning
-magnitude is also run at the ratio that gives ``prune``'s count (bisection), so each
-model has one comparison at equal parameters.
+magnitude is also run at the ratio that gives ``prune``'s count (bisection). The last
+column is ``prune(params_target=<Torch-Pruning magnitude's count>, coupled="prune")``:
+the budget allocator spreads the cut over units, groups and heads by their error
+curves, at exactly Torch-Pruning's parameter count or below.
 
     .venv/bin/python -W ignore bench/vs_torch_pruning.py resnet50 densenet121 mobilenet_v2
 """
@@ -96,6 +98,11 @@ def run(name: str, images: int, size: int, ratio: float, seed: int = 0, bn_stats
         rows[key] = _timed(lambda: tf.prune(model, calib, keep=1 - ratio, num_images=images, coupled="prune",
                                             reconstruction=recon, progress=False).model, model, held)
     ours, theirs = rows["thinet_fast_full"][0], rows["tp_magnitude"][0]
+    rows["thinet_fast_budget"] = None
+    if theirs is not None:  # the budget allocator at Torch-Pruning's count: equal parameters by construction
+        rows["thinet_fast_budget"] = _timed(
+            lambda: tf.prune(model, calib, params_target=theirs, num_images=images, coupled="prune",
+                             reconstruction="full", progress=False).model, model, held)
     rows["tp_matched"] = None
     if ours is not None and theirs is not None and abs(ours - theirs) > 0.02 * ours:
         rows["tp_matched"] = _matched(model, calib, held, ours, ratio)
@@ -133,14 +140,16 @@ def main():
                          "chaotic: 3%% weight noise on the first conv moves resnet50's output by 56%%)")
     args = ap.parse_args()
     print("| model | params | TP magnitude: params, dev, s | TP + ThiNetImportance | prune(coupled), scale "
-          "| prune(coupled), full refit | TP magnitude at prune's params (ratio) |")
-    print("|---|---|---|---|---|---|---|")
+          "| prune(coupled), full refit | TP magnitude at prune's params (ratio) "
+          "| prune(coupled, params_target=TP magnitude's), full refit |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         r = run(name, args.images, args.size, args.ratio, bn_stats=args.bn_stats)
         cells = [_cell(r[k]) for k in ("tp_magnitude", "tp_thinet_importance", "thinet_fast",
                                          "thinet_fast_full")]
         m = r["tp_matched"]
         cells.append("same params" if m is None else _cell(m[:3]) + (f" ({m[3]:.3f})" if len(m) > 3 else ""))
+        cells.append("-" if r["thinet_fast_budget"] is None else _cell(r["thinet_fast_budget"]))
         print(f"| {name} | {r['params'] / 1e6:.2f}M | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -180,8 +180,6 @@ def test_bad_types_are_rejected(value):
 def test_bad_combinations_and_counts():
     with pytest.raises(ValueError, match="give one of keep=, preset="):
         tf.PruneConfig(params_target=0.5, keep=0.5)
-    with pytest.raises(ValueError, match="params_target"):
-        tf.PruneConfig(params_target=0.5, coupled="prune")
     with pytest.raises(ValueError, match="params_target=.*pass an int, e.g. params_target=1000000"):
         tf.PruneConfig(params_target=1e6)
     cfg = tf.PruneConfig(params_target=np.int64(1000), flops_target=0.5)

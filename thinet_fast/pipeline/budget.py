@@ -1,41 +1,50 @@
-"""FLOPs and parameter budgets: per-unit keep counts from the greedy error curves (DESIGN §6).
+"""FLOPs and parameter budgets: widths from the greedy error curves (DESIGN §6).
 
 ``flops_target=`` and ``params_target=`` (either, or both) are each a fraction in (0, 1)
 of the model's count or an absolute count (an int below it; FLOPs per image at the
 calibration input size, parameters as :func:`~thinet_fast.count_params` counts them).
-One statistics pass gives every unit's greedy error curve; :func:`allocate` then
+A budget sets the width of every *item* (:mod:`~thinet_fast.pipeline.budget_items`): a
+plain unit's channels and, with ``coupled="prune"``, a coupled group's positions and an
+attention module's heads. One statistics pass gives every item's greedy error curve
+(:mod:`~thinet_fast.pipeline.budget_stats`); :func:`allocate` then
 
-1. removes channels greedily by least error rise per unit of cost (a unit's marginal
-   FLOPs and/or parameters per channel at the unpruned widths; with two targets, for
-   the target furthest from being met: :func:`~thinet_fast.ops.budget.allocate_budgets`),
-   raising its savings goal while the exact count still misses a target (the
-   per-channel estimates overcount a conv that loses input and output channels);
+1. removes steps greedily by least error rise per unit of cost (what one step of an
+   item saves at the unpruned widths; with two targets, for the target furthest from
+   being met: :func:`~thinet_fast.ops.budget.allocate_budgets`), raising its savings
+   goal while the count still misses a target (a conv that loses input and output
+   channels saves less than the two steps' sum);
 2. rounds to valid widths with ``round_to`` (:func:`~thinet_fast.pipeline.keeps.round_counts`);
-3. repairs with exact counts (:func:`~thinet_fast.pipeline.budget_fit.fit_widths`):
-   narrower while over a target, then wider into the slack that is left.
+3. repairs step by step (:func:`~thinet_fast.pipeline.budget_fit.fit_widths`): narrower
+   while over a target, then wider into the slack that is left.
+
+Every count is exact: :class:`~thinet_fast.pipeline.budget_items.CountModel` gives the
+counts of any widths from one probe cut per item, and the result is counted again on a
+cut shape-only copy (a disagreement refits on those exact counts).
 
 Guarantee: when the ``min_keep`` floors allow it, every target is met (achieved <= the
-target) and no unit can keep one more valid width step without exceeding a target.
+target) and no item can keep one more valid width step without exceeding a target.
 """
 from __future__ import annotations
 
 import copy
 import numbers
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from ..counting import count_flops, count_params, profile
+from ..counting import count_flops, count_params
 from ..ops.budget import allocate_budgets
 from ..ops.stats import Statistics
 from ..rewrite import prune_unit_
-from ..units import Unit, get_module
-from .budget_fit import fit_widths, unit_neighbours
+from ..units import Unit
+from .budget_fit import fit_widths
+from .budget_items import CountModel, Item, Shadow
 from .keeps import min_counts, round_counts
 from .methods import SelectContext, get_method
 
-__all__ = ["Constraint", "Allocation", "budget_constraints", "error_curves", "allocate", "allocate_flops"]
+__all__ = ["Constraint", "Allocation", "budget_constraints", "error_curves", "allocate"]
 
 KINDS = {"flops": ("flops_target", "FLOPs"), "params": ("params_target", "parameters")}
 RULE = ("greedy removal by least error rise per unit of cost; with two targets, of the target furthest "
@@ -51,7 +60,7 @@ class Constraint:
     spec: float | int
     total: int
     limit: float
-    costs: list[float] = field(default_factory=list)  # per unit: what one channel costs (estimate)
+    costs: list[float] = field(default_factory=list)  # per item: what one step saves at the full widths
 
     @property
     def option(self) -> str:
@@ -113,36 +122,6 @@ def budget_constraints(model: nn.Module, example: torch.Tensor, *, flops_target=
     return out
 
 
-def _channel_costs(model: nn.Module, units: list[Unit], example: torch.Tensor) -> list[float]:
-    """FLOPs one channel of each unit costs at the current widths: its producer filter,
-    plus its share of the consumer's input (and of a depthwise follower)."""
-    layers = {lc.name: lc.flops for lc in profile(model, example).layers}
-    costs = []
-    for u in units:
-        cost = layers.get(u.producer, 0) / u.channels + layers.get(u.consumer, 0) / u.channels
-        for f in u.followers:
-            if isinstance(get_module(model, f), nn.Conv2d):
-                cost += layers.get(f, 0) / u.channels
-        costs.append(max(cost, 1.0))
-    return costs
-
-
-def _param_costs(model: nn.Module, units: list[Unit]) -> list[float]:
-    """Parameters one channel of each unit costs at the current widths: its producer
-    filter (and bias), the per-channel parameters of its followers (BatchNorm, a
-    depthwise conv, PReLU), and its slice of the consumer's weight."""
-    costs = []
-    for u in units:
-        per_channel = 0
-        for fqn in (u.producer, *u.followers):
-            # only tensors indexed by the channel shrink (a shared PReLU slope does not)
-            per_channel += sum(p.numel() for p in get_module(model, fqn).parameters(recurse=False)
-                               if p.dim() and p.shape[0] == u.channels)
-        cost = per_channel / u.channels + get_module(model, u.consumer).weight.numel() / u.channels
-        costs.append(max(cost, 1.0))
-    return costs
-
-
 def _counts_with(model: nn.Module, units: list[Unit], keep: dict[str, int], example: torch.Tensor,
                  kinds=("flops",)) -> dict[str, int]:
     """Exact counts (``kinds`` of "flops", "params") of the model cut to ``keep``
@@ -171,32 +150,41 @@ def error_curves(units: list[Unit], stats: dict[str, Statistics], backend: str =
     return [s.curve for s in selections]
 
 
-def allocate(model: nn.Module, units: list[Unit], stats: dict[str, Statistics], example: torch.Tensor, *,
-             flops_target=None, params_target=None, min_keep: float = 0.1, backend: str = "auto",
-             rounds: int = 24, multiple: int = 1, curves: list[torch.Tensor] | None = None) -> Allocation:
-    """Keep counts that meet ``flops_target`` and/or ``params_target`` with the least
-    summed relative ThiNet error (see the module docstring for the rule), every unit
-    keeping at least :func:`~thinet_fast.pipeline.keeps.min_counts` (``min_keep``) and,
-    with ``multiple`` > 1 (``round_to``), a valid width. ``curves``: the greedy error
-    curves, when already computed (:func:`error_curves`)."""
+def allocate(model: nn.Module, items: list[Item], curves: list[torch.Tensor], example: torch.Tensor, *,
+             flops_target=None, params_target=None, min_keep: float = 0.1, rounds: int = 24,
+             ignored_layers: Sequence[str] = (), skip: Sequence[str] = ()) -> Allocation:
+    """Widths for ``items`` (:mod:`~thinet_fast.pipeline.budget_items`: plain units,
+    then coupled groups, then attention heads) that meet ``flops_target`` and/or
+    ``params_target`` with the least summed relative ThiNet error (the module docstring
+    gives the rule). ``curves``: each item's greedy error curve (:func:`error_curves`,
+    :func:`~thinet_fast.pipeline.budget_stats.item_curves`). Every item keeps at least
+    :func:`~thinet_fast.pipeline.keeps.min_counts` (``min_keep``) and a valid width for
+    its ``multiple``. ``ignored_layers`` / ``skip``: what the groups were found with."""
     cons = budget_constraints(model, example, flops_target=flops_target, params_target=params_target)
-    curves = error_curves(units, stats, backend) if curves is None else curves
+    if len(curves) != len(items):
+        raise ValueError(f"allocate: {len(curves)} error curves for {len(items)} items")
+    counter = CountModel(Shadow(model, example, ignored_layers=ignored_layers, skip=skip), items)
     for c in cons:
-        c.costs = _channel_costs(model, units, example) if c.kind == "flops" else _param_costs(model, units)
-    shadow = copy.deepcopy(model).to("meta")  # copied once: copies of a meta model are cheap
+        c.costs = counter.step_costs(c.kind)
     kinds = tuple(c.kind for c in cons)
-    count = lambda keep: _counts_with(shadow, units, keep, example, kinds)  # noqa: E731
-    mins = min_counts(units, min_keep)
-    keep = _greedy_keep(units, curves, cons, mins, count, rounds)
-    if multiple > 1:
-        counts = round_counts([keep[u.producer] for u in units], [u.channels for u in units], multiple, mins)
-        keep = dict(zip([u.producer for u in units], counts))
-    keep, _ = fit_widths(units, keep, curves, mins, multiple, {c.kind: c.limit for c in cons}, count,
-                         scales={c.kind: c.total for c in cons}, neighbours=unit_neighbours(units))
-    achieved = _counts_with(shadow, units, keep, example, tuple(KINDS))
+    limits, scales = {c.kind: c.limit for c in cons}, {c.kind: c.total for c in cons}
+    mins = min_counts(items, min_keep)
+    multiples = [it.multiple for it in items]
+    keep = _greedy_keep(items, curves, cons, mins, lambda k: counter(k, kinds), rounds)
+    if max(multiples, default=1) > 1:
+        counts = round_counts([keep[it.producer] for it in items], [it.channels for it in items], multiples, mins)
+        keep = dict(zip([it.producer for it in items], counts))
+    keep, _ = fit_widths(items, keep, curves, mins, multiples, limits, lambda k: counter(k, kinds), scales=scales,
+                         neighbours=counter.neighbours())
+    achieved = counter.exact(keep)
+    exact_fit = achieved != counter(keep)
+    if exact_fit:  # the surrogate is off for this model: fit again, counting every step exactly
+        keep, _ = fit_widths(items, keep, curves, mins, multiples, limits, lambda k: counter.exact(k, kinds),
+                             scales=scales)
+        achieved = counter.exact(keep)
     totals = {"flops": count_flops(model, example), "params": count_params(model)}
     alloc = Allocation(keep, achieved, totals, cons, "", min_keep)
-    alloc.note = _note(alloc, multiple)
+    alloc.note = _note(alloc, max(multiples, default=1), items, exact_fit)
     return alloc
 
 
@@ -248,7 +236,7 @@ def _fmt(v: float) -> str:
     return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}K" if v >= 1e3 else f"{v:.0f}"
 
 
-def _note(alloc: Allocation, multiple: int) -> str:
+def _note(alloc: Allocation, multiple: int, items=(), exact_fit: bool = False) -> str:
     """The report's line: each count against its target, how the keep was allocated."""
     by = {c.kind: c for c in alloc.constraints}
     title = " and ".join({"flops": "FLOPs", "params": "params"}[k] for k in by) + " budget"
@@ -262,18 +250,14 @@ def _note(alloc: Allocation, multiple: int) -> str:
         else:
             parts.append(f"{label} kept {frac:.3f} ({_fmt(got)} of {_fmt(total)}, no target)")
     rounded = f", rounded to multiples of {multiple} (round_to)" if multiple > 1 else ""
-    note = (f"{title}: " + "; ".join(parts) + f"; per-unit keep allocated from the greedy error curves "
-            f"(min_keep {alloc.min_keep}){rounded}")
+    kinds = {"unit": "plain units", "group": "coupled groups", "heads": "attention sites"}
+    over = ", ".join(f"{sum(it.kind == k for it in items)} {label}" for k, label in kinds.items()
+                     if any(it.kind == k for it in items))
+    note = (f"{title}: " + "; ".join(parts) + f"; widths allocated over {over or 'nothing'} from the greedy error "
+            f"curves (min_keep {alloc.min_keep}){rounded}")
+    if exact_fit:
+        note += "; fitted on exact counts (the fast count disagreed for this model)"
     missed = [c.option for c in alloc.constraints if alloc.achieved[c.kind] > c.limit]
     if missed:
         note += f"; the budget could not be met within min_keep={alloc.min_keep}{rounded} ({', '.join(missed)})"
     return note
-
-
-def allocate_flops(model: nn.Module, units: list[Unit], stats: dict[str, Statistics], example: torch.Tensor, *,
-                   flops_target: float, min_keep: float, backend: str = "auto", rounds: int = 24,
-                   multiple: int = 1):
-    """The FLOPs-only form of :func:`allocate`: (keep dict, achieved FLOPs fraction, note)."""
-    alloc = allocate(model, units, stats, example, flops_target=flops_target, min_keep=min_keep, backend=backend,
-                     rounds=rounds, multiple=multiple)
-    return alloc.keep, alloc.fraction("flops"), alloc.note

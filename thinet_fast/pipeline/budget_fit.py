@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 from ..units import Unit
-from .keeps import lower_width, upper_width
+from .keeps import lower_width, per_item, upper_width
 
 __all__ = ["fit_widths", "unit_neighbours"]
 
@@ -25,7 +25,7 @@ def unit_neighbours(units: Sequence[Unit]) -> list[set[int]]:
             for j, u in enumerate(units)]
 
 
-def fit_widths(units: Sequence[Unit], keep: dict[str, int], curves, mins: Sequence[int], multiple: int,
+def fit_widths(units: Sequence[Unit], keep: dict[str, int], curves, mins: Sequence[int], multiple,
                limits: Mapping[str, float], count: Callable[[dict[str, int]], dict[str, int]],
                scales: Mapping[str, float] | None = None, neighbours: Sequence[set[int]] | None = None):
     """Counts ``keep`` brought within ``limits`` (kind -> most allowed count, e.g.
@@ -40,7 +40,10 @@ def fit_widths(units: Sequence[Unit], keep: dict[str, int], curves, mins: Sequen
     the tightest remaining slack. ``neighbours`` (:func:`unit_neighbours`) lets the up
     phase re-count only the steps a change can affect; the chosen step is always counted
     exactly, and before stopping every step is, so the result does not depend on it.
-    Returns (keep, counts)."""
+    ``units`` may be any items with ``producer`` and ``channels`` (a budget's
+    :class:`~thinet_fast.pipeline.budget_items.Item`); ``multiple``: one for all, or one
+    per unit. Returns (keep, counts)."""
+    multiples = per_item(multiple, len(units), "fit_widths: multiple")
     curves = [c.double().cpu().tolist() for c in curves]
     kinds = list(limits)
     scales = {k: max(float((scales or limits)[k]), 1.0) for k in kinds}
@@ -51,7 +54,7 @@ def fit_widths(units: Sequence[Unit], keep: dict[str, int], curves, mins: Sequen
 
     def step(j, up):  # (unit, new width, its counts, error change) for unit j's next width, or None
         u, n = units[j], keep[units[j].producer]
-        w = upper_width(n, u.channels, multiple) if up else lower_width(n, u.channels, multiple, mins[j])
+        w = upper_width(n, u.channels, multiples[j]) if up else lower_width(n, u.channels, multiples[j], mins[j])
         return None if w is None else (u.producer, w, count({**keep, u.producer: w}), error(j, w) - error(j, n))
 
     def fits(counts):

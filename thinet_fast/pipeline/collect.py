@@ -291,10 +291,8 @@ def collect_units(model: nn.Module, units: list[Unit], batches: Iterable[torch.T
     "statistics" and the rest of the pass as "forward"."""
     if not units:
         return {}
-    accs = unit_accumulators(model, units, spec, first_index)
-    watched = [(u.producer, get_module(model, u.consumer), u.consumer, accs[u.producer], unit_sink(u, accs[u.producer]))
-               for u in units]
-    stats = _collect(model, watched, batches, forward, stop_early, bar, timer, extra)
+    stats = _collect(model, unit_watch(model, units, spec, first_index), batches, forward, stop_early, bar, timer,
+                     extra)
     for u in units:
         _finite(stats[u.producer], u.consumer)
     return stats
@@ -304,14 +302,36 @@ def collect_accumulators(model: nn.Module, readers, batches: Iterable[torch.Tens
                          bar=None, timer=None) -> dict:
     """Statistics at every reader of coupled groups (:class:`thinet_fast.groups.Reader`),
     keyed by ``reader.key``; reader j is seeded as unit j."""
+    stats = _collect(model, reader_watch(readers, spec), batches, None, True, bar, timer)
+    for r in readers:
+        _finite(stats[r.key], r.name)
+    return stats
+
+
+def unit_watch(model: nn.Module, units: list[Unit], spec: StatsSpec, first_index: int = 0) -> list:
+    """What a pass watches for ``units``: [(producer, consumer module, consumer fqn, accumulator, sink)]."""
+    accs = unit_accumulators(model, units, spec, first_index)
+    return [(u.producer, get_module(model, u.consumer), u.consumer, accs[u.producer], unit_sink(u, accs[u.producer]))
+            for u in units]
+
+
+def reader_watch(readers, spec: StatsSpec, first_index: int = 0) -> list:
+    """What a pass watches for coupled-group readers: [(reader.key, module, fqn, accumulator, sink)]."""
     watched = []
-    for j, r in enumerate(readers):
+    for j, r in enumerate(readers, start=first_index):
         acc = spec.accumulator(r.kernel(), r.geometry, channels=r.channels, index=j)
         sink = (lambda a: lambda x, keys: a.update(tokens_as_map(x), keys))(acc) if r.tokens else acc.update
         watched.append((r.key, r.module, r.name, acc, sink))
+    return watched
+
+
+def collect_watched(model: nn.Module, watched: list, batches: Iterable[torch.Tensor], *, bar=None,
+                    timer=None) -> dict[Any, Statistics]:
+    """One pass for watch lists joined from :func:`unit_watch`, :func:`reader_watch` and
+    :func:`~thinet_fast.pipeline.heads.head_watch` (keys must not collide), each checked finite."""
     stats = _collect(model, watched, batches, None, True, bar, timer)
-    for r in readers:
-        _finite(stats[r.key], r.name)
+    for key, _, name, _, _ in watched:
+        _finite(stats[key], name)
     return stats
 
 

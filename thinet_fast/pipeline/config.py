@@ -170,10 +170,6 @@ class PruneConfig:
                              "or preset=")
         self.flops_target = _budget_target("flops_target", self.flops_target, "FLOPs")
         self.params_target = _budget_target("params_target", self.params_target, "parameters")
-        for name in ("flops_target", "params_target"):
-            if self.coupled == "prune" and getattr(self, name) is not None:
-                raise ValueError(f"{name}= allocates over plain units only; with coupled='prune' give keep=, "
-                                 f"or drop coupled='prune' to keep {name}=")
         chosen = [n for n in ("keep", "preset") if getattr(self, n) is not None]
         targets = [n for n in ("flops_target", "params_target") if getattr(self, n) is not None]
         if len(chosen) + bool(targets) > 1:  # the two targets go together; keep/preset with nothing else

@@ -20,7 +20,7 @@ from ..regions import check_widths, output_widths
 from ..ops.reconstruct import channel_taps
 from ..ops.stats import Statistics
 from ..records import UnitRecord
-from ..units import Unit
+from ..units import Unit, get_module
 from .collect import StatsSpec, collect_accumulators, iter_batches, progress_bar
 from .decide import decide
 from .heads import run_heads
@@ -139,22 +139,27 @@ def _write(reader: Reader, keep: torch.Tensor, new_w: torch.Tensor, new_b, DG) -
 class CoupledStage:
     """The coupled groups as one step of a schedule: ``run(model)`` prunes them, then
     the attention heads (:mod:`thinet_fast.pipeline.heads`), and keeps the refused roots
-    in ``refused`` (a resumed run restores them instead)."""
+    in ``refused`` (a resumed run restores them instead). ``counts``: a budget's widths
+    (group name -> positions per block, site -> heads); a group or site it does not
+    name keeps all."""
 
-    def __init__(self, example, data, cfg, device, spec, timer, *, skip=(), ignored_layers=()):
+    def __init__(self, example, data, cfg, device, spec, timer, *, skip=(), counts=None):
         self._args = (example, data, cfg, device, spec, timer)
-        self._kw = dict(skip=skip, ignored_layers=ignored_layers)
+        self.skip, self.counts = skip, counts
         self.refused: list[tuple[str, str]] = []
 
     def run(self, model: nn.Module) -> list[UnitRecord]:
-        records, self.refused = run_coupled(model, *self._args, **self._kw)
-        heads, refused = run_heads(model, *self._args, first_index=len(records))
+        # the ignored modules are looked up now: a unit cut may have replaced them
+        ignored = [get_module(model, f) for f in self._args[2].ignored_layers]
+        records, self.refused = run_coupled(model, *self._args, skip=self.skip, ignored_layers=ignored,
+                                            counts=self.counts)
+        heads, refused = run_heads(model, *self._args, first_index=len(records), counts=self.counts)
         self.refused += refused
         return records + heads
 
 
 def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, timer, *, skip=(),
-                ignored_layers=()) -> tuple[list[UnitRecord], list[tuple[str, str]]]:
+                ignored_layers=(), counts=None) -> tuple[list[UnitRecord], list[tuple[str, str]]]:
     """Prune every coupled group of ``model`` in place. Returns the group records and
     the refused roots ``(fqn, reason)``.
 
@@ -162,10 +167,10 @@ def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, t
     each on statistics of the model as the earlier groups left it (one pass per group,
     cut short after its last reader), its readers refitted on what they keep now.
     ``"oneshot"``: one pass for every group; each reader refitted once on the channels
-    it keeps from all the groups it reads."""
+    it keeps from all the groups it reads. ``counts``: see :class:`CoupledStage`."""
     with timer.phase("groups"):
         groups, refused = find_groups(model, example, ignored_layers=ignored_layers, skip=skip)
-        groups = [g for g in groups if _wanted(g, cfg, model)]
+        groups = [g for g in groups if group_wanted(g, cfg, model)]
     if not groups:
         return [], refused
     widths = output_widths(model, example)
@@ -174,7 +179,7 @@ def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, t
         records = []
         for i, g in enumerate(groups):
             records.append(_one_group(model, _fresh(g, shapes), data, cfg, device, spec, timer,
-                                      f"[{i + 1}/{len(groups)}]"))
+                                      f"[{i + 1}/{len(groups)}]", _n_keep(g, cfg, device, counts)))
             _check_forward(model, example, widths, [g.name])
         return records, refused
     readers = {r.key: r for g in groups for r in g.readers}
@@ -187,7 +192,7 @@ def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, t
     chosen = []
     for g in groups:
         t0 = time.perf_counter()
-        kept, gs, _ = _select(g, stats, _n_keep(g, cfg, device), modules, cfg, device)
+        kept, gs, _ = _select(g, stats, _n_keep(g, cfg, device, counts), modules, cfg, device)
         drop = _dropped(g, kept)
         for ln in g.links:
             removed[ln.reader.key].update(ln.channels[drop[ln.positions]].tolist())
@@ -220,13 +225,13 @@ def _fresh(g: ChannelGroup, shapes) -> ChannelGroup:
     return fresh
 
 
-def _one_group(model, g: ChannelGroup, data, cfg, device, spec, timer, tag: str) -> UnitRecord:
+def _one_group(model, g: ChannelGroup, data, cfg, device, spec, timer, tag: str, n_keep: int) -> UnitRecord:
     readers = {r.key: r for r in g.readers}
     with progress_bar(spec.pass_images, f"{tag} group {g.name}", cfg.progress) as bar:
         stats = collect_accumulators(model, list(readers.values()), iter_batches(data, spec.num_images, device),
                                      spec, bar=bar, timer=timer)
     t0 = time.perf_counter()
-    kept, gs, _ = _select(g, stats, _n_keep(g, cfg, device), dict(model.named_modules()), cfg, device)
+    kept, gs, _ = _select(g, stats, n_keep, dict(model.named_modules()), cfg, device)
     drop = _dropped(g, kept)
     errors, notes_of = {}, {}
     for ln in g.links:
@@ -239,9 +244,12 @@ def _one_group(model, g: ChannelGroup, data, cfg, device, spec, timer, tag: str)
     return _record(g, kept, gs, seconds, errors, notes_of, cfg)
 
 
-def _n_keep(g: ChannelGroup, cfg, device) -> int:
-    """Kept positions per block. With ``round_to=N`` a block keeps a multiple of
+def _n_keep(g: ChannelGroup, cfg, device, counts=None) -> int:
+    """Kept positions per block: a budget's ``counts`` (all where it does not name the
+    group), else ``keep``. With ``round_to=N`` a block keeps a multiple of
     N / gcd(N, blocks), so the group's whole width (positions × blocks) is one of N."""
+    if counts is not None:
+        return int(counts.get(g.name, g.channels // g.blocks))
     multiple = round_multiple(cfg.round_to, device)
     multiple //= math.gcd(multiple, g.blocks)
     return n_keep_for(g.channels // g.blocks, _fraction(g, cfg), f"keep for group `{g.name}`", multiple)
@@ -278,7 +286,7 @@ def _dense(reader: Reader) -> nn.Module:
     return stand
 
 
-def _wanted(g: ChannelGroup, cfg, model) -> bool:
+def group_wanted(g: ChannelGroup, cfg, model) -> bool:
     if cfg.units is not None:
         return any(p in cfg.units for p in g.producers)
     if isinstance(cfg.keep, dict):

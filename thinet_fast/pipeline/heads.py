@@ -29,7 +29,7 @@ from .decide import decide
 from .keeps import n_keep_for
 from .methods import SelectContext, get_method, selection_backend
 
-__all__ = ["run_heads", "head_statistics", "head_gram", "heads_kept", "wanted"]
+__all__ = ["run_heads", "head_watch", "head_statistics", "head_gram", "heads_kept", "wanted"]
 
 
 def head_gram(stats: Statistics, heads: int) -> Statistics:
@@ -49,27 +49,40 @@ def _unit(site: HeadSite) -> Unit:
                 consumer_out=proj.out_features)
 
 
+def head_watch(sites: list[HeadSite], spec, first_index: int = 0) -> tuple[list, list]:
+    """What a pass watches for ``sites`` (their projections' input, keyed by site name;
+    site j seeded as unit ``first_index + j``), and the hooks that feed it: remove them
+    after the pass."""
+    watched, handles = [], []
+    try:
+        for j, site in enumerate(sites):
+            proj = site.projection
+            acc = spec.accumulator(proj.weight.detach()[:, :, None, None], ConsumerGeometry.conv(1),
+                                   channels=proj.in_features, index=first_index + j)
+            probe = nn.Identity()  # what the collector watches: called with the heads' output
+
+            def hook(module, args, kwargs, out, site=site, probe=probe):
+                with pre_projection(site):
+                    z = module.forward(*args, **kwargs)
+                z = z[0] if isinstance(z, tuple) else z
+                if isinstance(module, nn.MultiheadAttention) and not module.batch_first and z.dim() == 3:
+                    z = z.transpose(0, 1)  # (L, N, E): images first
+                probe(z)
+            handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
+            sink = (lambda a: lambda x, keys: a.update(tokens_as_map(x), keys))(acc)
+            watched.append((site.name, probe, site.name, acc, sink))
+    except BaseException:
+        for h in handles:
+            h.remove()
+        raise
+    return watched, handles
+
+
 def head_statistics(model: nn.Module, sites: list[HeadSite], batches, spec, *, first_index: int = 0, bar=None,
                     timer=None) -> dict[str, Statistics]:
     """Statistics of each site's projection input (its heads before the projection),
     keyed by site name; site j is seeded as unit ``first_index + j``."""
-    watched, handles = [], []
-    for j, site in enumerate(sites):
-        proj = site.projection
-        acc = spec.accumulator(proj.weight.detach()[:, :, None, None], ConsumerGeometry.conv(1),
-                               channels=proj.in_features, index=first_index + j)
-        probe = nn.Identity()  # what the collector watches: called with the heads' output
-
-        def hook(module, args, kwargs, out, site=site, probe=probe):
-            with pre_projection(site):
-                z = module.forward(*args, **kwargs)
-            z = z[0] if isinstance(z, tuple) else z
-            if isinstance(module, nn.MultiheadAttention) and not module.batch_first and z.dim() == 3:
-                z = z.transpose(0, 1)  # (L, N, E): images first
-            probe(z)
-        handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
-        sink = (lambda a: lambda x, keys: a.update(tokens_as_map(x), keys))(acc)
-        watched.append((site.name, probe, site.name, acc, sink))
+    watched, handles = head_watch(sites, spec, first_index)
     try:
         return _collect(model, watched, batches, None, True, bar, timer)
     finally:
@@ -97,16 +110,19 @@ def wanted(site: HeadSite, cfg) -> bool:
     return cfg.filter_fn is None or bool(cfg.filter_fn(site.module, site.name))
 
 
-def heads_kept(site: HeadSite, cfg) -> int:
-    """Heads the site keeps: ``keep`` (a fraction, or a count in a keep dict) of them."""
+def heads_kept(site: HeadSite, cfg, counts=None) -> int:
+    """Heads the site keeps: a budget's ``counts`` (all where it does not name the site),
+    else ``keep`` (a fraction, or a count in a keep dict) of them."""
+    if counts is not None:
+        return int(counts.get(site.name, site.heads))
     fraction = cfg.keep.get(site.name, 0.5) if isinstance(cfg.keep, dict) else (0.5 if cfg.keep is None
                                                                               else cfg.keep)
     return n_keep_for(site.heads, fraction, f"keep for the heads of `{site.name}`")
 
 
-def _decide_site(model, site: HeadSite, stats: Statistics, cfg, device) -> UnitRecord:
+def _decide_site(model, site: HeadSite, stats: Statistics, cfg, device, counts=None) -> UnitRecord:
     t0 = time.perf_counter()
-    n_keep = heads_kept(site, cfg)
+    n_keep = heads_kept(site, cfg, counts)
     hs = head_gram(stats, site.heads)
     if n_keep >= site.heads:
         keep, curve = torch.arange(site.heads), None
@@ -132,10 +148,11 @@ def _decide_site(model, site: HeadSite, stats: Statistics, cfg, device) -> UnitR
                                error_curve=() if curve is None else curve.double().cpu().tolist())
 
 
-def run_heads(model: nn.Module, example, data, cfg, device, spec, timer, *, first_index: int = 0
+def run_heads(model: nn.Module, example, data, cfg, device, spec, timer, *, first_index: int = 0, counts=None
               ) -> tuple[list[UnitRecord], list[tuple[str, str]]]:
     """Prune the heads of every supported attention module in place; returns the
-    records and the refused modules ``(fqn, reason)``."""
+    records and the refused modules ``(fqn, reason)``. ``counts``: a budget's heads per
+    site (:class:`~thinet_fast.pipeline.coupled.CoupledStage`)."""
     with timer.phase("groups"):
         sites, refused = find_heads(model, cfg.ignored_layers)
         sites = [s for s in sites if wanted(s, cfg)]
@@ -148,13 +165,13 @@ def run_heads(model: nn.Module, example, data, cfg, device, spec, timer, *, firs
             with progress_bar(spec.pass_images, f"[{i + 1}/{len(sites)}] heads {site.name}", cfg.progress) as bar:
                 stats = head_statistics(model, [site], iter_batches(data, spec.num_images, device), spec,
                                         first_index=first_index + i, bar=bar, timer=timer)
-            records.append(_decide_site(model, site, stats[site.name], cfg, device))
+            records.append(_decide_site(model, site, stats[site.name], cfg, device, counts))
     else:
         with progress_bar(spec.pass_images, "statistics (heads)", cfg.progress) as bar:
             stats = head_statistics(model, sites, iter_batches(data, spec.num_images, device), spec,
                                     first_index=first_index, bar=bar, timer=timer)
         for i, site in enumerate(sites):
-            records.append(_decide_site(model, site, stats[site.name], cfg, device))
+            records.append(_decide_site(model, site, stats[site.name], cfg, device, counts))
     check_widths(model, example, widths, f"the attention heads of {', '.join(s.name for s in sites)}",
                  ". Add them to ignored_layers (the caller's model is unchanged), and please report the model")
     return records, refused

@@ -75,17 +75,28 @@ def round_count(count: int, channels: int, multiple: int, floor: int = 1) -> int
     return min(widths, key=lambda w: (abs(w - count), -w))
 
 
-def round_counts(counts: Sequence[int], channels: Sequence[int], multiple: int,
+def round_counts(counts: Sequence[int], channels: Sequence[int], multiple: int | Sequence[int],
                  floors: Sequence[int] | None = None) -> list[int]:
     """Each ``counts[i]`` (channels kept of ``channels[i]``) as :func:`round_count`
-    rounds it: the nearest multiple of ``multiple`` in [multiple, channels[i]] or
-    ``channels[i]`` itself, ties to the wider; counts of units narrower than
-    ``multiple`` unchanged. ``floors``: a least count per unit (rounded up to a valid
-    width when rounding would go below it)."""
+    rounds it: the nearest multiple of ``multiple`` (one for all, or one per unit) in
+    [multiple, channels[i]] or ``channels[i]`` itself, ties to the wider; counts of units
+    narrower than ``multiple`` unchanged. ``floors``: a least count per unit (rounded up
+    to a valid width when rounding would go below it)."""
+    multiples = per_item(multiple, len(counts), "round_counts: multiple")
     if len(counts) != len(channels) or (floors is not None and len(floors) != len(counts)):
         raise ValueError(f"round_counts: {len(counts)} counts for {len(channels)} channel counts")
     floors = [1] * len(counts) if floors is None else floors
-    return [round_count(int(n), int(c), int(multiple), int(f)) for n, c, f in zip(counts, channels, floors)]
+    return [round_count(int(n), int(c), int(m), int(f)) for n, c, m, f in zip(counts, channels, multiples, floors)]
+
+
+def per_item(value: int | Sequence[int], n: int, who: str) -> list[int]:
+    """``value`` for each of ``n`` items: one int for all, or a list of ``n``."""
+    if isinstance(value, int):
+        return [value] * n
+    value = [int(v) for v in value]
+    if len(value) != n:
+        raise ValueError(f"{who} gives {len(value)} values for {n} items")
+    return value
 
 
 def lower_width(count: int, channels: int, multiple: int, floor: int = 1) -> int | None:

@@ -11,14 +11,14 @@ from torch import nn
 
 from ..files import check_writable
 from ..report import Report, build_report
-from ..units import UnitPlan, UntraceableModelError, find_units, get_module
+from ..units import UnitPlan, UntraceableModelError, find_units
 from .coupled import CoupledStage
 from .budget import allocate, budget_constraints
+from .budget_stats import budget_items, item_curves
 from .calibrate import downstream_norms, recalibrate_batchnorm, running_norms
-from .collect import StatsSpec, collect_units, images_in, iter_batches, model_device, progress_bar
+from .collect import StatsSpec, images_in, iter_batches, model_device, progress_bar
 from . import keeps
 from .config import PruneConfig
-from .methods import selection_backend
 from .schedules import run_oneshot, run_sequential, transplant
 from .timing import Timings
 
@@ -184,15 +184,15 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
     if cfg.flops_target is not None or cfg.params_target is not None:
         targets = dict(flops_target=cfg.flops_target, params_target=cfg.params_target)
         budget_constraints(work, example[:1], **targets)  # a count above the model's fails before any pass
-        # the unpruned model's statistics: the one-shot schedule reuses them
+        with timer.phase("groups"):
+            items = budget_items(work, plan, cfg, example[:1], device)
+        # the unpruned model's statistics: the one-shot schedule reuses the units'
         with progress_bar(spec.pass_images, "statistics (budget)", cfg.progress) as bar:
-            stats = collect_units(work, plan.units, iter_batches(data, spec.num_images, device), spec, bar=bar,
-                                  timer=timer)
+            curves, stats = item_curves(work, items, data, spec, cfg, device, bar=bar, timer=timer)
         with timer.phase("selection"):
-            budget = allocate(work, plan.units, stats, example[:1], **targets, min_keep=cfg.min_keep,
-                              backend=selection_backend("thinet", cfg.backend, device),
-                              multiple=keeps.round_multiple(cfg.round_to, device))
-        n_keep = budget.keep
+            budget = allocate(work, items, curves, example[:1], **targets, min_keep=cfg.min_keep,
+                              ignored_layers=cfg.ignored_layers, skip=[u.producer for u in plan.units])
+        n_keep = {u.producer: budget.keep[u.producer] for u in plan.units}
         notes.append(budget.note)
     else:
         n_keep = keeps.for_config(plan, cfg, preset, device)
@@ -204,7 +204,7 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
     stage = None
     if cfg.coupled == "prune":
         stage = CoupledStage(example[:1], data, cfg, device, spec, timer, skip={u.producer for u in plan.units},
-                             ignored_layers=[get_module(work, f) for f in cfg.ignored_layers])
+                             counts=None if budget is None else budget.keep)
     if cfg.schedule == "sequential" and (plan.units or cfg.resume):
         records = run_sequential(work, plan.units, n_keep, data, cfg, device, spec, timer, graph=plan.graph,
                                  example=example[:1], coupled=stage)
