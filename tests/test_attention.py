@@ -10,7 +10,7 @@ pytest.importorskip("torch_pruning")
 import thinet_fast as tf  # noqa: E402
 from torchvision.models import maxvit  # noqa: E402
 
-from thinet_fast.attention import (HeadPrunedAttention, HeadPrunedRelativeAttention,  # noqa: E402
+from thinet_fast.attention import (HEAD_PRUNED_TYPES, HeadPrunedAttention, HeadPrunedRelativeAttention,  # noqa: E402
                                    HeadPrunedWindowAttention, HeadPrunedWindowAttentionV2, cut_heads, find_heads,
                                    pre_projection)
 from thinet_fast.pipeline.collect import StatsSpec, iter_batches  # noqa: E402
@@ -321,3 +321,58 @@ def test_a_head_cut_that_breaks_the_forward_is_an_error(monkeypatch):
         tf.prune(model, torch.randn(16, 7, 6, generator=_gen(19)), keep=0.5, num_images=16, coupled="prune",
                  progress=False, filter_fn=lambda m, fqn: isinstance(m, nn.MultiheadAttention))
     assert isinstance(model.enc.layers[0].self_attn, nn.MultiheadAttention)  # the caller's model is whole
+
+
+def _small(kind):
+    """A small model of each attention kind, its inputs, and its builder (for base=)."""
+    if kind == "mha":
+        build = lambda: (torch.manual_seed(0), _Tiny().eval())[1]  # noqa: E731
+        return build, torch.randn(16, 7, 6, generator=_gen(21))
+    if kind == "swin":
+        build = lambda: (torch.manual_seed(0), sw.SwinTransformer(  # noqa: E731
+            patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[4, 4],
+            num_classes=5).eval())[1]
+        return build, torch.rand(8, 3, 32, 32, generator=_gen(22))
+    build = lambda: (torch.manual_seed(0), maxvit.MaxVit(  # noqa: E731
+        input_size=(32, 32), stem_channels=16, partition_size=2, block_channels=[32, 64], block_layers=[1, 1],
+        head_dim=8, stochastic_depth_prob=0.0, num_classes=5).eval())[1]
+    return build, torch.rand(8, 3, 32, 32, generator=_gen(23))
+
+
+@pytest.mark.parametrize("kind", ["mha", "swin", "maxvit"])
+def test_head_pruned_models_load_into_a_fresh_base(tmp_path, kind):
+    build, x = _small(kind)
+    res = tf.prune(build(), x, keep=0.5, num_images=x.shape[0], coupled="prune", progress=False)
+    assert any(isinstance(m, HEAD_PRUNED_TYPES) for m in res.model.modules())
+    path = tmp_path / "m.safetensors"
+    tf.save(res.model, path, skeleton=False)
+    base = build()
+    with torch.no_grad():
+        for p in base.parameters():  # what the base holds must not matter
+            p.add_(1.0)
+    loaded = tf.load(path, base=base)
+    err = (loaded(x) - res.model(x)).abs().max().item()
+    print(kind, "max |load(base=) - pruned|", err)
+    assert err == 0.0
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in res.model.modules()]
+
+
+def test_head_pruned_base_of_another_architecture_is_refused(tmp_path):
+    build, x = _small("mha")
+    res = tf.prune(build(), x, keep=0.5, num_images=16, coupled="prune", progress=False)
+    tf.save(res.model, tmp_path / "m.safetensors", skeleton=False)
+    other = build()
+    other.enc.layers[0].self_attn = nn.Linear(32, 32)
+    with pytest.raises(ValueError, match="enc.layers.0.self_attn"):
+        tf.load(tmp_path / "m.safetensors", base=other)
+
+
+@pytest.mark.parametrize("kind", ["mha", "swin", "maxvit"])
+def test_head_pruned_models_export_to_onnx(tmp_path, kind):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    build, x = _small(kind)
+    res = tf.prune(build(), x, keep=0.5, num_images=x.shape[0], coupled="prune", progress=False)
+    check = tf.export_onnx(res.model, x[:2], tmp_path / "m.onnx")
+    print(kind, check)
+    assert check.max_abs_error < 1e-4 and (tmp_path / "m.onnx").stat().st_size > 0

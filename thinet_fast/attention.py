@@ -33,6 +33,7 @@ from .ops.reconstruct import channel_taps
 
 __all__ = ["HeadSite", "find_heads", "pre_projection", "cut_heads", "HeadPrunedAttention",
            "HeadPrunedWindowAttention", "HeadPrunedWindowAttentionV2", "HeadPrunedRelativeAttention",
+           "HEAD_PRUNED_TYPES", "heads_of",
            "window_attention", "ATTENTION_TYPES"]
 
 
@@ -353,6 +354,16 @@ class HeadPrunedRelativeAttention(RelativePositionalMultiHeadAttention):
         scores = q @ (k * self.scale_factor).transpose(-2, -1) + self.get_relative_positional_bias()
         out = torch.softmax(scores, dim=-1) @ v                      # (B, G, H, P, d)
         return self.merge(out.transpose(2, 3).reshape(B, G, P, H * d))
+
+
+#: what :func:`cut_heads` returns
+HEAD_PRUNED_TYPES = (HeadPrunedAttention, HeadPrunedWindowAttention, HeadPrunedWindowAttentionV2,
+                     HeadPrunedRelativeAttention)
+
+
+def heads_of(m: nn.Module) -> int:
+    """The heads an attention module computes."""
+    return m.n_heads if isinstance(m, RelativePositionalMultiHeadAttention) else m.num_heads
 
 
 #: attention modules counted as one layer (projections and attention products together)

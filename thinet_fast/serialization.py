@@ -58,7 +58,7 @@ from typing import Any, BinaryIO, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import architecture, safefile
+from . import architecture, attention, safefile
 from .files import atomic_write, atomic_write_path, check_writable
 from .units import get_module
 
@@ -95,6 +95,8 @@ def _spec_of(m: nn.Module) -> Optional[dict[str, Any]]:
     if t in (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d):
         os_ = m.output_size
         return {"type": t.__name__, "output_size": tuple(os_) if isinstance(os_, (tuple, list)) else os_}
+    if isinstance(m, attention.HEAD_PRUNED_TYPES):
+        return {"type": "HeadPruned", "class": _class_name(m), "heads": attention.heads_of(m)}
     return None
 
 
@@ -309,7 +311,10 @@ def _rebuild_base(base: nn.Module, spec: dict[str, dict], saved: dict[str, str])
             raise ValueError(f"load(base=...): the base has no `{parent_fqn}` to hold saved module `{fqn}`; "
                              "build the base with the same architecture") from exc
         cur = parent._modules.get(name)
-        if fqn in spec:
+        if fqn in spec and spec[fqn]["type"] == "HeadPruned":
+            if cur is None or not _matches(cur, spec[fqn]):
+                _cut_base_heads(parent, name, cur, spec[fqn], fqn)
+        elif fqn in spec:
             if cur is None or not _matches(cur, spec[fqn]):
                 parent.add_module(name, _build(spec[fqn]))  # replaces or adds
         elif cur is None:
@@ -324,6 +329,21 @@ def _rebuild_base(base: nn.Module, spec: dict[str, dict], saved: dict[str, str])
             if parent_fqn in saved or parent_fqn == "":
                 del get_module(base, parent_fqn)._modules[name]
     return base
+
+
+def _cut_base_heads(parent: nn.Module, name: str, cur, spec: dict, fqn: str) -> None:
+    """The base's attention module ``parent.name`` cut to the saved number of heads
+    (which heads, and every weight, come from the saved tensors)."""
+    site = next((s for s in attention.find_heads(parent)[0] if s.name == name), None)
+    if site is None:
+        raise ValueError(f"load(base=...): the saved `{fqn}` is a {spec['class']} with {spec['heads']} heads, but "
+                         f"the base has {'no module there' if cur is None else 'a ' + _class_name(cur)}; "
+                         "build the base with the same architecture")
+    n, proj = spec["heads"], site.projection
+    new = attention.cut_heads(parent, site, torch.arange(n), proj.weight[:, :n * site.head_dim], proj.bias)
+    if _class_name(new) != spec["class"]:
+        raise ValueError(f"load(base=...): base module `{fqn}` cuts to a {_class_name(new)}, the saved one is a "
+                         f"{spec['class']}; build the base with the same architecture")
 
 
 def _tied_groups(model: nn.Module) -> list[list[str]]:

@@ -32,15 +32,18 @@ class PruneConfig:
             ``params_target``) or ``preset``.
         flops_target: instead of ``keep``: the FLOPs to keep, a fraction in (0, 1) of the
             model's or an absolute count (an int >= 1 below the model's; per image at the
-            calibration input size); per-unit keep counts are allocated from the greedy
-            error curves of one statistics pass (DESIGN §6, ``pipeline.budget``).
+            calibration input size); the widths are allocated from the greedy error
+            curves of one statistics pass (DESIGN §6, ``pipeline.budget``): of every
+            plain unit and, with ``coupled="prune"``, every coupled group (positions per
+            block) and attention module (heads).
         params_target: instead of ``keep``: the parameters to keep, a fraction in (0, 1)
             of the model's (``count_params``) or an absolute count (an int >= 1 below
-            it). With ``flops_target`` too, the allocation meets both: each channel
+            it). With ``flops_target`` too, the allocation meets both: each step
             removed is the cheapest in error per unit of the target furthest from
-            being met. Plain units only (not with ``coupled="prune"``).
-        min_keep: with ``flops_target`` / ``params_target``: the fraction every unit
-            keeps at least.
+            being met. Counts are exact, and no unit, group or head count can grow a
+            step without exceeding a target.
+        min_keep: with ``flops_target`` / ``params_target``: the fraction every unit,
+            group and attention module keeps at least.
         method: "thinet" (greedy removal, ICCV), "thinet_ls" (forward least squares,
             journal), or the baselines "random", "weight_sum", "apoz", "lasso".
         statistics: "sampled" (paper), "full" (exact over every output), "direct"
