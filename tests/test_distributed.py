@@ -90,3 +90,46 @@ def test_two_process_prune_equals_one_process(tmp_path, dtype, tol):
             worst = max(worst, float((got["state"][k] - v).abs().max() / v.abs().max().clamp_min(1e-12)))
     print("max relative weight difference, 2 processes vs 1:", worst, kw)
     assert worst < tol
+
+
+def _coupled_setup(kind):
+    if kind == "heads":
+        from test_attention import _Tiny
+        torch.manual_seed(0)
+        model, x = _Tiny().eval(), torch.randn(24, 7, 6, generator=torch.Generator().manual_seed(4))
+    else:
+        from test_coupled_budget import Net
+        torch.manual_seed(0)
+        model, x = Net().eval(), torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    kw = dict(params_target=0.5, coupled="prune", num_images=24, progress=False, reconstruction="full",
+              stats_dtype=torch.float64)
+    return model, x, kw
+
+
+def _coupled_worker(rank, world, out, kind):
+    model, x, kw = _coupled_setup(kind)
+    shard = x[rank::world]
+    res = tf.prune(model, [shard[i:i + 5] for i in range(0, len(shard), 5)], **dict(kw, num_images=len(shard)))
+    if rank == 0:
+        torch.save({"state": res.model.state_dict(), "keep": res.report.config["budget"]["keep"]}, out)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+@pytest.mark.parametrize("kind", ["groups", "heads"])
+def test_two_process_budget_over_groups_and_heads_equals_one_process(tmp_path, kind):
+    """A budget with coupled="prune": the allocation (from statistics reduced over the
+    ranks), the groups' and heads' selections and every refit match one process."""
+    pytest.importorskip("torch_pruning")
+    out = tmp_path / "pruned.pt"
+    spawn_gloo(_coupled_worker, 2, tmp_path, str(out), kind)
+    got = torch.load(out)
+    model, x, kw = _coupled_setup(kind)
+    want = tf.prune(model, [x[i:i + 8] for i in range(0, len(x), 8)], **kw)
+    assert got["keep"] == want.report.config["budget"]["keep"]
+    worst = 0.0
+    for k, v in want.model.state_dict().items():
+        assert got["state"][k].shape == v.shape, k
+        if v.is_floating_point():
+            worst = max(worst, float((got["state"][k] - v).abs().max() / v.abs().max().clamp_min(1e-12)))
+    print(kind, "max relative weight difference, 2 processes vs 1:", worst, got["keep"])
+    assert worst < 1e-5
