@@ -154,12 +154,12 @@ class Flat(nn.Module):
 
 
 def test_a_group_past_the_index_budget_is_refused_and_the_search_goes_on(monkeypatch):
-    import thinet_fast.groups as groups
+    import thinet_fast.tp_graph as tp_graph
 
     model, x = Flat().eval(), _data(2)
     found, _ = find_groups(model, x)
     assert {g.name for g in found} == {"c1", "c2", "fc1"}
-    monkeypatch.setattr(groups, "MAX_MAPPED_INDICES", 8 * 64 - 1)  # c2's 8 channels map to 512 features
+    monkeypatch.setattr(tp_graph, "MAX_MAPPED_INDICES", 8 * 64 - 1)  # c2's 8 channels map to 512 features
     found, refused = find_groups(model, x)
     print(refused)
     assert {g.name for g in found} == {"c1", "fc1"}

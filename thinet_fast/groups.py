@@ -9,8 +9,9 @@ LayerNorm or GroupNorm normalises together are kept: cutting some would renormal
 rest in every sample.
 
 The graph comes from Torch-Pruning (autograd tracing: it follows any model that runs,
-also those torch.fx cannot trace, e.g. detection models). This module only reads a
-group and says how thinet_fast sees it; it knows modules, not the math. Groups with a
+also those torch.fx cannot trace, e.g. detection models; :mod:`thinet_fast.tp_graph`
+builds and reads it). This module only reads a group and says how thinet_fast sees it;
+it knows modules, not the math. Groups with a
 member it cannot express (attention, an unknown module) are refused with the reason.
 """
 from __future__ import annotations
@@ -22,9 +23,9 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from .modes import preserved_modes
 from .ops.patches import ConsumerGeometry, UnsupportedConsumer
 from .regions import Entry, Exit, TokenExit, find_regions
+from .tp_graph import all_groups, dependency_graph, graph_name, input_shapes, members, mixing, owners, root_idxs
 
 __all__ = ["ChannelGroup", "Reader", "Link", "UnsupportedGroupError", "dependency_graph", "find_groups",
            "analyse", "input_shapes", "MAX_FEATURE_GRAM"]
@@ -38,70 +39,6 @@ _ACROSS = (nn.LayerNorm, nn.GroupNorm)  # normalise across the channels they kee
 
 class UnsupportedGroupError(ValueError):
     """A group's channels reach a layer whose statistics thinet_fast cannot express."""
-
-
-# Torch-Pruning maps a group's indices through every op it reaches; a reshape it cannot
-# model (window partitions, token shuffles) multiplies them each time round, and the
-# search then runs for hours. Past this many mapped indices for one group it is refused:
-# a count, not a clock, so every machine refuses the same groups. (A VGG-16 fc6 group
-# maps 512·49 indices a few times.)
-MAX_MAPPED_INDICES = 400_000
-
-
-class _Budget(Exception):
-    pass
-
-
-class _Counted:
-    """An index mapping that charges its output to the graph's budget."""
-
-    def __init__(self, fn, budget: list):
-        self.fn, self.budget = fn, budget
-
-    def __call__(self, idxs):
-        out = self.fn(idxs)
-        if self.budget[0] is not None:
-            self.budget[0] -= len(out)
-            if self.budget[0] < 0:
-                raise _Budget
-        return out
-
-    def __getattr__(self, name):  # Torch-Pruning may read the mapping's fields
-        return getattr(self.fn, name)
-
-
-class _CountedList(list):
-    """A dependency's index mappings: whatever Torch-Pruning stores is counted."""
-
-    def __init__(self, items, budget: list):
-        self.budget = budget
-        super().__init__(self._wrap(v) for v in items)
-
-    def _wrap(self, v):
-        return v if v is None or isinstance(v, _Counted) or not callable(v) else _Counted(v, self.budget)
-
-    def __setitem__(self, i, v):
-        super().__setitem__(i, self._wrap(v))
-
-
-def _count_mappings(DG) -> list:
-    """Make every index mapping of ``DG`` charge a shared budget; returns the budget
-    cell (``[None]``: unlimited)."""
-    budget = [None]
-    for node in DG.module2node.values():
-        for dep in node.dependencies:
-            if not isinstance(dep.index_mapping, _CountedList):
-                dep.index_mapping = _CountedList(dep.index_mapping, budget)
-    return budget
-
-
-def torch_pruning():
-    try:
-        import torch_pruning as tp
-    except ImportError as exc:  # pragma: no cover - exercised by a test that hides the package
-        raise ImportError("coupled='prune' finds channel groups with Torch-Pruning's DependencyGraph, which is not "
-                          f"importable ({exc}). Install it with: pip install torch-pruning") from exc
-    return tp
 
 
 @dataclass(frozen=True, eq=False)
@@ -174,95 +111,8 @@ class ChannelGroup:
         return [ln.reader for ln in self.links]
 
 
-def dependency_graph(model: nn.Module, example_inputs, *, ignored_layers: Iterable[nn.Module] = (), forward_fn=None):
-    """Torch-Pruning's dependency graph of ``model`` (traced with ``example_inputs``)."""
-    tp = torch_pruning()
-    with preserved_modes(model, train=False):
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=forward_fn,
-                                                     ignored_layers=list(ignored_layers), verbose=False)
-
-
-@torch.no_grad()
-def input_shapes(model: nn.Module, example_inputs) -> dict[nn.Module, tuple]:
-    """The input shape of every Conv2d/Linear in one forward (a Linear on tokens has > 2 dims)."""
-    shapes, handles = {}, []
-
-    def hook(mod, args):
-        if args and isinstance(args[0], torch.Tensor):
-            shapes.setdefault(mod, tuple(args[0].shape))
-
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            handles.append(m.register_forward_pre_hook(hook))
-    try:
-        with preserved_modes(model, train=False):
-            model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
-
-
-def _name(DG, module) -> str:
-    name = DG._module2name.get(module) if hasattr(DG, "_module2name") else None
-    return name if name else f"<{type(module).__name__}>"
-
-
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
            nn.Embedding, nn.MultiheadAttention)
-
-
-def _owners(DG) -> dict:
-    """id(parameter) -> the module that holds it (cached on the graph)."""
-    owners = getattr(DG, "_thinet_owners", None)
-    if owners is None:
-        model = getattr(DG, "model", None)
-        owners = {} if model is None else {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
-        DG._thinet_owners = owners
-    return owners
-
-
-_PRODUCTS = ("Addmm", "Mm", "Bmm", "Baddbmm", "Addbmm", "Mv", "Dot", "Convolution", "Linear", "Matmul", "Einsum")
-_VIEWS = ("TBackward", "PermuteBackward", "TransposeBackward", "ViewBackward", "UnsafeViewBackward",
-          "ExpandBackward", "ReshapeAliasBackward")
-
-
-def _leaves(grad_fn, depth: int = 3) -> list:
-    """The parameters a product reads, through transposes and views."""
-    out = []
-    for nxt, _ in getattr(grad_fn, "next_functions", ()):
-        if nxt is None:
-            continue
-        if hasattr(nxt, "variable"):
-            out.append(nxt.variable)
-        elif depth and type(nxt).__name__.startswith(_VIEWS):
-            out += _leaves(nxt, depth - 1)
-    return out
-
-
-def _mixing(node, DG) -> str | None:
-    """Why a traced op that mixes channels (a matrix product, a convolution) outside
-    every module the graph knows breaks the group, or None. A Linear on tokens runs its
-    own product inside: that one reads the weight of a module the graph holds."""
-    kind = type(getattr(node, "grad_fn", None)).__name__
-    if not kind.startswith(_PRODUCTS):
-        return None
-    owners = _owners(DG)
-    held = [owners.get(id(p)) for p in _leaves(node.grad_fn)]
-    if any(m in DG.module2node for m in held if m is not None):
-        return None
-    named = [m for m in held if m is not None]
-    if named:
-        return (f"these channels reach {kind[:-len('Backward0')] or kind} on the weight of "
-                f"`{_name(DG, named[0])}` ({type(named[0]).__name__}) outside its module's forward (a functional "
-                "call such as F.linear), which the graph cannot cut")
-    return (f"these channels reach a product of activations ({kind}, e.g. attention's q·kᵀ) that mixes them; "
-            "they are kept")
-
-
-def _root_idxs(item) -> list:
-    root = getattr(item, "root_idxs", None)
-    return list(item.idxs) if root is None else list(root)
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -303,7 +153,7 @@ def _linear_reader(module: nn.Linear, name: str, pairs: list[tuple[int, int]], p
 
 
 def _identity(item, n: int) -> bool:
-    return [int(i) for i in item.idxs] == list(range(n)) and _root_idxs(item) == list(range(n))
+    return [int(i) for i in item.idxs] == list(range(n)) and root_idxs(item) == list(range(n))
 
 
 def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> ChannelGroup:
@@ -319,7 +169,7 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
     items = list(group)
     if not items:
         raise ValueError("empty Torch-Pruning group")
-    roots = _root_idxs(items[0])
+    roots = root_idxs(items[0])
     C = len(roots)
     pos = {r: i for i, r in enumerate(roots)}
     links: list[Link] = []
@@ -327,7 +177,7 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
     for item in items:
         dep, idxs = item[0], item[1]
         module, handler = dep.target.module, dep.handler
-        name = _name(DG, module) if not isinstance(module, nn.Parameter) else "<parameter>"
+        name = graph_name(DG, module) if not isinstance(module, nn.Parameter) else "<parameter>"
         if isinstance(module, Entry):
             where = getattr(DG, "_thinet_region", "")
             raise UnsupportedGroupError(f"these channels come into `{where or 'the model'}` from outside it (a "
@@ -339,7 +189,7 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
                                                       if where else "the model") + "; they are kept")
         if isinstance(module, nn.Parameter):
             pname = DG._param_to_name.get(module, name) if hasattr(DG, "_param_to_name") else name
-            owner = _owners(DG).get(id(module))
+            owner = owners(DG).get(id(module))
             if isinstance(owner, _LAYERS):
                 # a layer's own weight reached as a bare parameter: the model calls it
                 # functionally (F.linear(x, self.qkv.weight)), which the graph cannot cut
@@ -349,7 +199,7 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
             followers.append(pname)
             continue  # a per-channel parameter (layer scale, class token): it loses the same channels
         if type(module).__module__.startswith("torch_pruning"):
-            why = _mixing(dep.target, DG) if type(module).__name__ != "_OutputOp" else None
+            why = mixing(dep.target, DG) if type(module).__name__ != "_OutputOp" else None
             if why:
                 raise UnsupportedGroupError(why)
             continue  # traced functional ops (add, cat, split, flatten, pooling, activations)
@@ -369,7 +219,7 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
                     "order or mixed with others; its groups cannot be kept aligned")
             blocks = math.lcm(blocks, module.groups)
         if is_in and not is_out:  # the layer's *input* channels are pruned: a reader
-            pairs = [(int(c), r) for c, r in zip(idxs, _root_idxs(item)) if r is not None and r in pos]
+            pairs = [(int(c), r) for c, r in zip(idxs, root_idxs(item)) if r is not None and r in pos]
             if not pairs:
                 continue
             if isinstance(module, nn.Conv2d):
@@ -426,7 +276,7 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
         if ln.reader.groups > 1 and ln.channels.numel() != C:
             raise UnsupportedGroupError(f"grouped reader `{ln.reader.name}` reads only part of the group")
     root = items[0][0].target.module
-    return ChannelGroup(_name(DG, root), root, items[0][0].handler, C, tuple(dict.fromkeys(producers)),
+    return ChannelGroup(graph_name(DG, root), root, items[0][0].handler, C, tuple(dict.fromkeys(producers)),
                         tuple(dict.fromkeys(followers)), list(merged.values()), blocks, tuple(notes))
 
 
@@ -450,7 +300,7 @@ def find_groups(model: nn.Module, example_inputs, *, ignored_layers: Iterable[nn
                                                      f"{type(exc).__name__}: {exc}"[:300]))
             continue
         DG._module2name, DG._thinet_region = names, scope.name
-        for root, g in _all_groups(DG, ignored_ids, refused):
+        for root, g in all_groups(DG, ignored_ids, refused):
             if root in skip:
                 continue
             try:
@@ -461,7 +311,7 @@ def find_groups(model: nn.Module, example_inputs, *, ignored_layers: Iterable[nn
             cg.graph = DG
             if any(p in skip for p in cg.producers):
                 continue
-            if any(id(m) in ignored_ids for m in _members(g)):
+            if any(id(m) in ignored_ids for m in members(g)):
                 refused.append((root, "a member is in ignored_layers"))
                 continue
             if not cg.links:
@@ -476,41 +326,3 @@ def find_groups(model: nn.Module, example_inputs, *, ignored_layers: Iterable[nn
     return found, refused
 
 
-def _all_groups(DG, ignored_ids: set, refused: list):
-    """``(root fqn, group)`` for each Conv2d/Linear whose output channels no earlier
-    group holds. A root that Torch-Pruning cannot group (its index mapping fails) is
-    refused with the reason, instead of ending the search."""
-    seen: set[int] = set()
-    budget = _count_mappings(DG)
-    for m in list(DG.module2node):
-        if not isinstance(m, (nn.Conv2d, nn.Linear)) or isinstance(m, TokenExit) or id(m) in seen \
-                or id(m) in ignored_ids:
-            continue
-        pruner = DG.get_pruner_of_module(m)
-        width = pruner.get_out_channels(m) if pruner is not None else None
-        if not width:
-            continue
-        root = _name(DG, m)
-        budget[0] = MAX_MAPPED_INDICES
-        try:
-            group = DG.get_pruning_group(m, pruner.prune_out_channels, list(range(width)))
-        except _Budget:
-            refused.append((root, f"Torch-Pruning mapped more than {MAX_MAPPED_INDICES} indices for these channels "
-                                  "(a reshape it cannot model, e.g. a window partition); add the root to "
-                                  "ignored_layers to skip the search"))
-            seen.add(id(m))
-            continue
-        except Exception as exc:
-            refused.append((root, f"Torch-Pruning could not group these channels: {type(exc).__name__}: {exc}"[:300]))
-            seen.add(id(m))
-            continue
-        finally:
-            budget[0] = None
-        for dep, _ in group:
-            if DG.is_out_channel_pruning_fn(dep.handler):
-                seen.add(id(dep.target.module))
-        yield root, group
-
-
-def _members(group):
-    return [it[0].target.module for it in group if isinstance(it[0].target.module, nn.Module)]

@@ -67,7 +67,8 @@ from ..ops.draws import position_keys
 from ..ops.stats import STATISTICS
 from ..pipeline.collect import StatsSpec, feed, iter_batches, model_device, reduce_accumulators
 from ..pipeline.methods import REGISTRY, SelectContext, get_method, selection_backend
-from ..groups import Reader, UnsupportedGroupError, _name, _root_idxs, analyse
+from ..groups import Reader, UnsupportedGroupError, analyse
+from ..tp_graph import graph_name, root_idxs
 from .reconstruction import ReconstructionReport, Snapshot, record, reconstruct, reconstructing
 
 __all__ = ["ThiNetImportance", "UnsupportedGroupError", "thinet_pruner", "record", "reconstruct", "reconstructing",
@@ -217,7 +218,7 @@ class ThiNetImportance(tp.importance.Importance):
             return None, []
         model = group._DG.model
         self._ensure(model, [ln.reader for ln in links], group._DG)
-        n = len(_root_idxs(group[0]))
+        n = len(root_idxs(group[0]))
         G = None
         for ln in links:
             Gc = self._stats[ln.reader.key][3]
@@ -233,7 +234,7 @@ class ThiNetImportance(tp.importance.Importance):
     def __call__(self, group) -> Optional[torch.Tensor]:
         G, _ = self.gram(group)
         if G is None:
-            root = _name(group._DG, group[0][0].target.module)
+            root = graph_name(group._DG, group[0][0].target.module)
             if root not in self._warned:
                 self._warned.add(root)
                 warnings.warn(f"ThiNetImportance: no Conv2d/Linear layer reads the channels of the group rooted at "
