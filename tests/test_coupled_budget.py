@@ -2,6 +2,7 @@
 plain units, coupled groups and attention heads, counted exactly."""
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -13,7 +14,7 @@ pytest.importorskip("torch_pruning")
 import thinet_fast as tf  # noqa: E402
 from thinet_fast.pipeline import budget_items as bi  # noqa: E402
 from thinet_fast.pipeline.budget_stats import budget_items  # noqa: E402
-from thinet_fast.pipeline.keeps import upper_width  # noqa: E402
+from thinet_fast.pipeline.keeps import upper_width, valid_widths  # noqa: E402
 from test_attention import _Tiny  # noqa: E402
 
 
@@ -72,12 +73,14 @@ def test_counts_of_any_widths_are_the_cut_models_counts(kind):
         assert fast == exact
 
 
-@pytest.mark.parametrize("kind", ["conv", "transformer"])
-@pytest.mark.parametrize("option", ["params_target", "flops_target"])
-def test_a_budget_over_groups_and_heads_is_met_exactly_and_tightly(kind, option):
+@pytest.mark.parametrize("kind,option,extra", [
+    ("conv", "params_target", {}), ("conv", "flops_target", {}), ("transformer", "params_target", {}),
+    ("transformer", "flops_target", {}), ("conv", "params_target", {"schedule": "oneshot"}),
+    ("conv", "params_target", {"round_to": 4}), ("transformer", "flops_target", {"round_to": 4})])
+def test_a_budget_over_groups_and_heads_is_met_exactly_and_tightly(kind, option, extra):
     model, x = _case(kind)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = tf.prune(model, x, **{option: 0.45}, **OPTS)
+    res = tf.prune(model, x, **{option: 0.45}, **extra, **OPTS)
     info = res.report.config["budget"]
     count = "params" if option == "params_target" else "flops"
     got = tf.count_params(res.model) if count == "params" else tf.count_flops(res.model, x[:1])
@@ -93,6 +96,9 @@ def test_a_budget_over_groups_and_heads_is_met_exactly_and_tightly(kind, option)
     cut = {it.kind for it in items if keep[it.producer] < it.channels}
     assert cut - {"unit"}, f"the budget cut only plain units: {keep}"  # groups / heads take their share
     for it in items:  # no item can keep one more valid step within the target
+        if "round_to" in extra and it.kind != "heads":
+            assert it.multiple == extra["round_to"] // math.gcd(extra["round_to"], getattr(it.source, "blocks", 1))
+            assert keep[it.producer] in valid_widths(it.channels, it.multiple), (it.producer, keep[it.producer])
         w = upper_width(keep[it.producer], it.channels, it.multiple)
         if w is not None:
             assert counter.exact({**keep, it.producer: w}, (count,))[count] > limit, it.producer
