@@ -13,7 +13,7 @@ pytest.importorskip("torch_pruning")
 
 import thinet_fast as tf  # noqa: E402
 from thinet_fast.pipeline import budget_items as bi  # noqa: E402
-from thinet_fast.pipeline.budget_stats import budget_items  # noqa: E402
+from thinet_fast.pipeline.budget_stats import budget_items, new_biases  # noqa: E402
 from thinet_fast.pipeline.keeps import upper_width, valid_widths  # noqa: E402
 from test_attention import _Tiny  # noqa: E402
 
@@ -39,12 +39,21 @@ class Net(nn.Module):
 
 
 def _case(kind):
+    """The model and its data; ``*_nobias``: no layer has a bias, so bias compensation
+    gives the refitted layers one (and a budget must count it)."""
     g = torch.Generator().manual_seed(3)
-    if kind == "conv":
-        torch.manual_seed(0)
-        return Net().eval(), torch.randn(48, 3, 8, 8, generator=g)
     torch.manual_seed(0)
-    return _Tiny(E=32, H=4, layers=2).eval(), torch.randn(48, 7, 6, generator=g)
+    if kind.startswith("conv"):
+        model, x = Net().eval(), torch.randn(48, 3, 8, 8, generator=g)
+    else:
+        model, x = _Tiny(E=32, H=4, layers=2).eval(), torch.randn(48, 7, 6, generator=g)
+    if kind.endswith("_nobias"):
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.bias = None
+            elif isinstance(m, nn.MultiheadAttention):
+                m.in_proj_bias = None
+    return model, x
 
 
 OPTS = dict(num_images=48, progress=False, coupled="prune", stats_dtype=torch.float64)
@@ -52,8 +61,9 @@ OPTS = dict(num_images=48, progress=False, coupled="prune", stats_dtype=torch.fl
 
 def _counter(model, x, cfg, plan):
     items = budget_items(model, plan, cfg, x[:1], "cpu")
-    skip = [u.producer for u in plan.units]
-    return items, bi.CountModel(bi.Shadow(model, x[:1], ignored_layers=cfg.ignored_layers, skip=skip), items)
+    shadow = bi.Shadow(model, x[:1], ignored_layers=cfg.ignored_layers, skip=[u.producer for u in plan.units],
+                       biases=new_biases(model, items, cfg))
+    return items, bi.CountModel(shadow, items)
 
 
 @pytest.mark.parametrize("kind", ["conv", "transformer"])
@@ -76,7 +86,9 @@ def test_counts_of_any_widths_are_the_cut_models_counts(kind):
 @pytest.mark.parametrize("kind,option,extra", [
     ("conv", "params_target", {}), ("conv", "flops_target", {}), ("transformer", "params_target", {}),
     ("transformer", "flops_target", {}), ("conv", "params_target", {"schedule": "oneshot"}),
-    ("conv", "params_target", {"round_to": 4}), ("transformer", "flops_target", {"round_to": 4})])
+    ("conv", "params_target", {"round_to": 4}), ("transformer", "flops_target", {"round_to": 4}),
+    ("conv_nobias", "params_target", {}), ("transformer_nobias", "params_target", {}),
+    ("conv_nobias", "flops_target", {"schedule": "oneshot"})])
 def test_a_budget_over_groups_and_heads_is_met_exactly_and_tightly(kind, option, extra):
     model, x = _case(kind)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -91,6 +103,9 @@ def test_a_budget_over_groups_and_heads_is_met_exactly_and_tightly(kind, option,
     for k, v in model.state_dict().items():  # the caller's model is untouched
         assert torch.equal(v, before[k]), k
     items, counter = _counter(model, x, res.config, res.plan)
+    if kind.endswith("_nobias"):
+        gained = [n for n, m in res.model.named_modules() if getattr(m, "bias", None) is not None]
+        assert gained, "no layer gained a bias: the case tests nothing"
     keep = info["keep"]
     assert set(keep) == {it.producer for it in items}
     cut = {it.kind for it in items if keep[it.producer] < it.channels}

@@ -243,3 +243,23 @@ def test_fit_is_exact_and_tight_even_with_wrong_neighbours():
         for u in units:
             if keep[u.producer] < u.channels:
                 assert count({**keep, u.producer: keep[u.producer] + 1})["params"] > limit["params"]
+
+
+def test_layers_that_gain_a_bias_are_counted():
+    """Bias compensation gives a consumer without a bias or a BatchNorm after it a bias:
+    the budget counts those parameters too (the target holds on the returned model)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, bias=False), torch.nn.ReLU(), torch.nn.Conv2d(8, 12, 3, bias=False),
+        torch.nn.ReLU(), torch.nn.Conv2d(12, 16, 3, bias=False), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(16, 10, bias=False)).eval()
+    data = _data((1, 12, 12))
+    limit = 0.5 * tf.count_params(model)
+    res = tf.prune(model, data, params_target=0.5, **KW)
+    got = tf.count_params(res.model)
+    gained = [n for n, m in res.model.named_modules() if getattr(m, "bias", None) is not None]
+    print(got, limit, gained, _kept(res))
+    assert gained and got <= limit and res.report.config["budget"]["params"]["achieved"] == got
+    off = tf.prune(model, data, params_target=0.5, bias_compensation=False, **KW)
+    assert not [n for n, m in off.model.named_modules() if getattr(m, "bias", None) is not None]
+    assert tf.count_params(off.model) <= limit

@@ -152,18 +152,21 @@ def error_curves(units: list[Unit], stats: dict[str, Statistics], backend: str =
 
 def allocate(model: nn.Module, items: list[Item], curves: list[torch.Tensor], example: torch.Tensor, *,
              flops_target=None, params_target=None, min_keep: float = 0.1, rounds: int = 24,
-             ignored_layers: Sequence[str] = (), skip: Sequence[str] = ()) -> Allocation:
+             ignored_layers: Sequence[str] = (), skip: Sequence[str] = (), biases: Sequence[str] = ()
+             ) -> Allocation:
     """Widths for ``items`` (:mod:`~thinet_fast.pipeline.budget_items`: plain units,
     then coupled groups, then attention heads) that meet ``flops_target`` and/or
     ``params_target`` with the least summed relative ThiNet error (the module docstring
     gives the rule). ``curves``: each item's greedy error curve (:func:`error_curves`,
     :func:`~thinet_fast.pipeline.budget_stats.item_curves`). Every item keeps at least
     :func:`~thinet_fast.pipeline.keeps.min_counts` (``min_keep``) and a valid width for
-    its ``multiple``. ``ignored_layers`` / ``skip``: what the groups were found with."""
+    its ``multiple``. ``ignored_layers`` / ``skip``: what the groups were found with;
+    ``biases``: the layers the pipeline will give a bias
+    (:func:`~thinet_fast.pipeline.budget_stats.new_biases`), counted from the start."""
     cons = budget_constraints(model, example, flops_target=flops_target, params_target=params_target)
     if len(curves) != len(items):
         raise ValueError(f"allocate: {len(curves)} error curves for {len(items)} items")
-    counter = CountModel(Shadow(model, example, ignored_layers=ignored_layers, skip=skip), items)
+    counter = CountModel(Shadow(model, example, ignored_layers=ignored_layers, skip=skip, biases=biases), items)
     for c in cons:
         c.costs = counter.step_costs(c.kind)
     kinds = tuple(c.kind for c in cons)

@@ -76,11 +76,17 @@ class Shadow:
     cut is made, and head sites once every group cut is, each on the model as it is
     then, as :func:`~thinet_fast.pipeline.prune.prune` finds them: a graph built before
     a unit cut would point at the modules that cut replaced. ``ignored_layers`` (fqns)
-    and ``skip`` (unit producers) are what the real model's groups are found with."""
+    and ``skip`` (unit producers) are what the real model's groups are found with;
+    ``biases``: layers that hold a (zero) bias from the start, as the pipeline will
+    give them one."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, *, ignored_layers: Sequence[str] = (),
-                 skip: Sequence[str] = ()):
+                 skip: Sequence[str] = (), biases: Sequence[str] = ()):
         self.pristine = copy.deepcopy(model).to("meta")  # never cut: what copy() starts from
+        for name in biases:  # layers the pipeline will give a bias (budget_stats.new_biases)
+            m = self.pristine.get_submodule(name)
+            if m.bias is None:
+                m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], device="meta", dtype=m.weight.dtype))
         self.example = example.to("meta")
         self._found = (tuple(ignored_layers), tuple(skip))
         self._reset()

@@ -18,12 +18,12 @@ from ..groups import find_groups
 from ..units import UnitPlan, get_module
 from .budget_items import Item, group_items, head_items, unit_items
 from .collect import collect_watched, iter_batches, reader_watch, unit_watch
-from .coupled import group_statistics, group_wanted
+from .coupled import bias_home, group_statistics, group_wanted
 from .heads import head_gram, head_watch, wanted
 from .keeps import round_multiple
 from .methods import SelectContext, get_method, selection_backend
 
-__all__ = ["budget_items", "item_curves"]
+__all__ = ["budget_items", "item_curves", "new_biases"]
 
 
 def budget_items(model: nn.Module, plan: UnitPlan, cfg, example: torch.Tensor, device) -> list[Item]:
@@ -65,3 +65,23 @@ def item_curves(model: nn.Module, items: list[Item], data, spec, cfg, device, *,
     ctx = SelectContext(backend=selection_backend("thinet", cfg.backend, device))
     curves = [s.curve for s in get_method("thinet").run_many(selecting, [it.channels for it in items], ctx)]
     return curves, by["unit"]
+
+
+def new_biases(model: nn.Module, items: list[Item], cfg) -> list[str]:
+    """The layers the stages will give a bias: with ``bias_compensation`` every refitted
+    layer takes a correction, and one without a bias or a BatchNorm to fold it into
+    gains one (whatever width it keeps). A budget counts them from the start."""
+    if not cfg.bias_compensation:
+        return []
+    out = []
+    for it in items:
+        if it.kind == "unit":
+            u = it.source
+            if get_module(model, u.consumer).bias is None and u.consumer_norm is None:
+                out.append(u.consumer)
+        elif it.kind == "group":
+            out += [r.name for r in it.source.readers if r.module.bias is None and bias_home(r.module, it.source.graph)
+                    is None]
+        elif it.source.projection.bias is None:
+            out.append(f"{it.source.name}.{it.source.projection_name}")
+    return list(dict.fromkeys(out))

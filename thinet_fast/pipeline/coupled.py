@@ -27,7 +27,7 @@ from .heads import run_heads
 from .keeps import n_keep_for, round_multiple
 from .methods import SelectContext, get_method, selection_backend
 
-__all__ = ["run_coupled", "group_statistics", "reader_unit"]
+__all__ = ["run_coupled", "group_statistics", "reader_unit", "bias_home"]
 
 
 def reader_unit(group: ChannelGroup, reader: Reader) -> Unit:
@@ -126,14 +126,23 @@ def _write(reader: Reader, keep: torch.Tensor, new_w: torch.Tensor, new_b, DG) -
         if m.bias is not None:
             m.bias.copy_(new_b.to(m.bias))
             return note
-        node = DG.module2node.get(m)
-        outs = [o.module for o in node.outputs] if node is not None else []
-        if len(outs) == 1 and isinstance(outs[0], nn.modules.batchnorm._BatchNorm) and \
-                outs[0].running_mean is not None and outs[0].num_features == new_b.numel():
-            outs[0].running_mean.sub_(new_b.to(outs[0].running_mean))  # BN(y + b) = BN'(y)
+        bn = bias_home(m, DG)
+        if bn is not None:
+            bn.running_mean.sub_(new_b.to(bn.running_mean))  # BN(y + b) = BN'(y)
             return note
         m.bias = nn.Parameter(new_b.to(w).clone())
         return f"`{reader.name}` gained a bias (bias compensation)"
+
+
+def bias_home(module: nn.Module, DG):
+    """The BatchNorm that alone reads ``module``'s output, which takes a bias correction
+    into its running mean; None when the module must gain a bias instead."""
+    node = DG.module2node.get(module)
+    outs = [o.module for o in node.outputs] if node is not None else []
+    if len(outs) == 1 and isinstance(outs[0], nn.modules.batchnorm._BatchNorm) and \
+            outs[0].running_mean is not None and outs[0].num_features == module.weight.shape[0]:
+        return outs[0]
+    return None
 
 
 class CoupledStage:

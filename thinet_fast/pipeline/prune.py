@@ -14,7 +14,7 @@ from ..report import Report, build_report
 from ..units import UnitPlan, UntraceableModelError, find_units
 from .coupled import CoupledStage
 from .budget import allocate, budget_constraints
-from .budget_stats import budget_items, item_curves
+from .budget_stats import budget_items, item_curves, new_biases
 from .calibrate import downstream_norms, recalibrate_batchnorm, running_norms
 from .collect import StatsSpec, images_in, iter_batches, model_device, progress_bar
 from . import keeps
@@ -191,7 +191,8 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
             curves, stats = item_curves(work, items, data, spec, cfg, device, bar=bar, timer=timer)
         with timer.phase("selection"):
             budget = allocate(work, items, curves, example[:1], **targets, min_keep=cfg.min_keep,
-                              ignored_layers=cfg.ignored_layers, skip=[u.producer for u in plan.units])
+                              ignored_layers=cfg.ignored_layers, skip=[u.producer for u in plan.units],
+                              biases=new_biases(work, items, cfg))
         n_keep = {u.producer: budget.keep[u.producer] for u in plan.units}
         notes.append(budget.note)
     else:
