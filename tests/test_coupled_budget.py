@@ -2,7 +2,6 @@
 plain units, coupled groups and attention heads, counted exactly."""
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -14,7 +13,7 @@ pytest.importorskip("torch_pruning")
 import thinet_fast as tf  # noqa: E402
 from thinet_fast.pipeline import budget_items as bi  # noqa: E402
 from thinet_fast.pipeline.budget_stats import budget_items, new_biases  # noqa: E402
-from thinet_fast.pipeline.keeps import upper_width, valid_widths  # noqa: E402
+from thinet_fast.pipeline.keeps import upper_width  # noqa: E402
 from test_attention import _Tiny  # noqa: E402
 
 
@@ -111,9 +110,10 @@ def test_a_budget_over_groups_and_heads_is_met_exactly_and_tightly(kind, option,
     cut = {it.kind for it in items if keep[it.producer] < it.channels}
     assert cut - {"unit"}, f"the budget cut only plain units: {keep}"  # groups / heads take their share
     for it in items:  # no item can keep one more valid step within the target
-        if "round_to" in extra and it.kind != "heads":
-            assert it.multiple == extra["round_to"] // math.gcd(extra["round_to"], getattr(it.source, "blocks", 1))
-            assert keep[it.producer] in valid_widths(it.channels, it.multiple), (it.producer, keep[it.producer])
+        if "round_to" in extra and it.kind != "heads":  # the whole width a multiple of round_to, or all
+            blocks = getattr(it.source, "blocks", 1)
+            assert keep[it.producer] == it.channels or keep[it.producer] * blocks % extra["round_to"] == 0 or \
+                it.channels * blocks < extra["round_to"], (it.producer, keep[it.producer])
         w = upper_width(keep[it.producer], it.channels, it.multiple)
         if w is not None:
             assert counter.exact({**keep, it.producer: w}, (count,))[count] > limit, it.producer
@@ -127,12 +127,20 @@ def test_the_exact_count_is_the_fallback_when_the_fast_one_disagrees(monkeypatch
     model, x = _case("conv")
     real = bi.CountModel.__call__
 
-    def off(self, keep, kinds=bi.KINDS):  # a surrogate that undercounts parameters
+    def off(self, keep, kinds=bi.COUNTED):  # a surrogate that undercounts parameters
         return {k: v - 500 if k == "params" else v for k, v in real(self, keep, kinds).items()}
     monkeypatch.setattr(bi.CountModel, "__call__", off)
     res = tf.prune(model, x, params_target=0.45, **OPTS)
-    assert tf.count_params(res.model) <= 0.45 * tf.count_params(model)
+    limit = 0.45 * tf.count_params(model)
+    got = tf.count_params(res.model)
+    assert got <= limit and res.report.config["budget"]["params"]["achieved"] == got
     assert "fitted on exact counts" in next(n for n in res.report.notes if "budget" in n)
+    items, counter = _counter(model, x, res.config, res.plan)
+    keep = res.report.config["budget"]["keep"]
+    for it in items:  # tight on the exact counts, not on the wrong ones
+        w = upper_width(keep[it.producer], it.channels, it.multiple)
+        if w is not None:
+            assert counter.exact({**keep, it.producer: w}, ("params",))["params"] > limit, it.producer
 
 
 def test_a_budget_run_with_groups_resumes_to_the_same_model(tmp_path, monkeypatch):
@@ -181,3 +189,25 @@ def test_a_shape_only_copy_shows_the_same_groups(kind):
                                   tuple(r.name for r in g.readers)) for g in gs)
     print(describe(real))
     assert real and describe(meta) == describe(real)
+
+
+def test_a_budget_the_pipeline_does_not_follow_is_an_error_not_a_model(monkeypatch):
+    import sys
+
+    prune_module = sys.modules["thinet_fast.pipeline.prune"]  # the package exports the function by that name
+    model, x = _case("conv_nobias")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real_items, real_biases = prune_module.budget_items, prune_module.new_biases
+    # a group the budget never saw: the coupled stage finds it and has no width for it
+    monkeypatch.setattr(prune_module, "budget_items",
+                        lambda *a, **k: [it for it in real_items(*a, **k) if it.producer != "c2"])
+    with pytest.raises(RuntimeError, match="no width for the coupled group `c2`"):
+        tf.prune(model, x, params_target=0.45, **OPTS)
+    monkeypatch.setattr(prune_module, "budget_items", real_items)
+    # biases the budget did not count: the returned model would miss the target
+    monkeypatch.setattr(prune_module, "new_biases", lambda *a, **k: [])
+    with pytest.raises(RuntimeError, match="did not count"):
+        tf.prune(model, x, params_target=0.45, **OPTS)
+    monkeypatch.setattr(prune_module, "new_biases", real_biases)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -17,8 +17,9 @@ import thinet_fast as tf
 from thinet_fast.models import DemoVGG
 from thinet_fast.ops.budget import allocate_budget, allocate_budgets
 from thinet_fast.pipeline import keeps
-from thinet_fast.pipeline.budget import _counts_with, error_curves
+from thinet_fast.pipeline.budget import error_curves
 from thinet_fast.pipeline.collect import StatsSpec, collect_units, iter_batches
+from thinet_fast.rewrite import prune_unit_
 
 KW = dict(num_images=16, samples_per_image=4, progress=False, schedule="oneshot", device="cpu", round_to=None)
 
@@ -40,6 +41,15 @@ def _resnet():
 
 
 MODELS = {"vgg": _vgg, "resnet18": _resnet}
+
+
+def _counts_with(model, units, keep, example, kinds):
+    """Counts of ``model`` with each unit cut to ``keep`` (a meta copy: shapes only)."""
+    shadow = copy.deepcopy(model).to("meta")
+    for u in units:
+        prune_unit_(shadow, u, torch.arange(keep[u.producer]))
+    counts = {"flops": lambda: tf.count_flops(shadow, example.to("meta")), "params": lambda: tf.count_params(shadow)}
+    return {k: counts[k]() for k in kinds}
 
 
 def _kept(res):
@@ -225,9 +235,8 @@ def test_checkpoint_records_params_target(tmp_path):
 
 def test_fit_is_exact_and_tight_even_with_wrong_neighbours():
     from types import SimpleNamespace
-    from thinet_fast.pipeline.budget_fit import fit_widths, unit_neighbours
-    units = [SimpleNamespace(producer=f"p{j}", consumer=f"p{j + 1}", channels=12) for j in range(4)]
-    assert unit_neighbours(units) == [{1}, {0, 2}, {1, 3}, {2}]
+    from thinet_fast.pipeline.budget_fit import fit_widths
+    units = [SimpleNamespace(producer=f"p{j}", channels=12) for j in range(4)]
     curves = [_convex(11, s) for s in range(4)]
 
     def count(keep):  # a chain: layer j+1 reads unit j and writes unit j+1 (bilinear, like convs)
@@ -236,7 +245,7 @@ def test_fit_is_exact_and_tight_even_with_wrong_neighbours():
 
     limit = {"params": 150.0}
     # the last neighbours are wrong on purpose; from full widths (down, then up) and from narrow ones (up)
-    for neighbours, start in itertools.product((None, unit_neighbours(units), [set()] * 4), (12, 2)):
+    for neighbours, start in itertools.product((None, [{1}, {0, 2}, {1, 3}, {2}], [set()] * 4), (12, 2)):
         keep, got = fit_widths(units, {u.producer: start for u in units}, curves, [1] * 4, 1, limit, count,
                                neighbours=neighbours)
         assert got == count(keep) and got["params"] <= limit["params"]

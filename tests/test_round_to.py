@@ -130,12 +130,13 @@ def test_auto_rounds_on_cuda_but_keeps_preset_widths():
 
 def _widened_flops(model, res, n, example):
     """FLOPs of the result with each unit in turn one valid width wider (or None)."""
-    from thinet_fast.pipeline.budget import _flops_with
+    from thinet_fast.pipeline import budget_items as bi
     keep = {u.producer: u.kept for u in res.report.units}
+    counter = bi.CountModel(bi.Shadow(model, example), bi.unit_items(res.plan.units, n))
     out = []
     for u in res.plan.units:
         w = keeps.upper_width(keep[u.producer], u.channels, n)
-        out.append(None if w is None else _flops_with(model, res.plan.units, {**keep, u.producer: w}, example))
+        out.append(None if w is None else counter.exact({**keep, u.producer: w}, ("flops",))["flops"])
     return out
 
 

@@ -61,12 +61,13 @@ def _prune_options(p):
     p.add_argument("--keep", type=float, help="fraction of channels every unit keeps (default 0.5 unless --preset "
                                               "or --flops-target)")
     p.add_argument("--flops-target", type=_fraction_or_count,
-                   help="keep this fraction (or count per image) of the FLOPs; per-unit keep from the greedy "
-                        "error curves (instead of --keep)")
+                   help="keep this fraction (or count per image) of the FLOPs; widths from the greedy error "
+                        "curves, of coupled groups and attention heads too with --coupled prune (instead of --keep)")
     p.add_argument("--params-target", type=_fraction_or_count,
                    help="keep this fraction (or count) of the parameters; with --flops-target both are met")
     p.add_argument("--min-keep", type=float, default=0.1,
-                   help="with a budget (--flops-target/--params-target): the least fraction a unit keeps")
+                   help="with a budget (--flops-target/--params-target): the least fraction a unit, group or "
+                        "attention module keeps")
     p.add_argument("--round-to", default="auto", help="kept channels a multiple of N (auto: 8 on CUDA, none on CPU; "
                                                       "1: none)")
     p.add_argument("--units", help="comma list of producer module names to prune (default: every unit)")

@@ -26,7 +26,6 @@ target) and no item can keep one more valid width step without exceeding a targe
 """
 from __future__ import annotations
 
-import copy
 import numbers
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -37,7 +36,6 @@ from torch import nn
 from ..counting import count_flops, count_params
 from ..ops.budget import allocate_budgets
 from ..ops.stats import Statistics
-from ..rewrite import prune_unit_
 from ..units import Unit
 from .budget_fit import fit_widths
 from .budget_items import CountModel, Item, Shadow
@@ -120,26 +118,6 @@ def budget_constraints(model: nn.Module, example: torch.Tensor, *, flops_target=
     if not out:
         raise ValueError("a budget needs flops_target= or params_target=")
     return out
-
-
-def _counts_with(model: nn.Module, units: list[Unit], keep: dict[str, int], example: torch.Tensor,
-                 kinds=("flops",)) -> dict[str, int]:
-    """Exact counts (``kinds`` of "flops", "params") of the model cut to ``keep``
-    (shapes only, on the meta device)."""
-    shadow = copy.deepcopy(model).to("meta")
-    for u in units:
-        prune_unit_(shadow, u, torch.arange(keep[u.producer]))
-    out = {}
-    if "flops" in kinds:
-        out["flops"] = count_flops(shadow, example.to("meta"))
-    if "params" in kinds:
-        out["params"] = count_params(shadow)
-    return out
-
-
-def _flops_with(model: nn.Module, units: list[Unit], keep: dict[str, int], example: torch.Tensor) -> int:
-    """FLOPs of the model cut to ``keep`` (shapes only, on the meta device)."""
-    return _counts_with(model, units, keep, example, ("flops",))["flops"]
 
 
 def error_curves(units: list[Unit], stats: dict[str, Statistics], backend: str = "auto") -> list[torch.Tensor]:

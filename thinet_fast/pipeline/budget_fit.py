@@ -1,31 +1,23 @@
 """The exact repair after a budget allocation: whole valid-width steps, counted exactly.
 
 The greedy allocation (:func:`thinet_fast.ops.budget.allocate_budgets`) works with
-per-channel costs at the unpruned widths, which are estimates: a conv that loses input
-and output channels saves their product once, and ``round_to`` rounding moves counts
-by whole steps. :func:`fit_widths` brings the counts within every limit, counting each
-candidate step exactly, then widens units into the slack that is left, so that no
-single step of any unit fits any more (with ``multiple`` = 1: no unit could keep one
-more channel without exceeding a target).
+per-step costs at the unpruned widths, which are estimates: a conv that loses input and
+output channels saves their product once, and ``round_to`` rounding moves counts by
+whole steps. :func:`fit_widths` brings the counts within every limit, counting each
+candidate step exactly, then widens items (units, coupled groups, attention heads) into
+the slack that is left, so that no single step of any item fits any more (with
+``multiple`` = 1: no unit could keep one more channel without exceeding a target).
 """
 from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
-from ..units import Unit
 from .keeps import lower_width, per_item, upper_width
 
-__all__ = ["fit_widths", "unit_neighbours"]
+__all__ = ["fit_widths"]
 
 
-def unit_neighbours(units: Sequence[Unit]) -> list[set[int]]:
-    """Per unit, the units whose widths meet it in one layer (one's consumer is the
-    other's producer): only their steps change what a step of this unit costs."""
-    return [{i for i, v in enumerate(units) if i != j and (v.consumer == u.producer or u.consumer == v.producer)}
-            for j, u in enumerate(units)]
-
-
-def fit_widths(units: Sequence[Unit], keep: dict[str, int], curves, mins: Sequence[int], multiple,
+def fit_widths(units: Sequence, keep: dict[str, int], curves, mins: Sequence[int], multiple,
                limits: Mapping[str, float], count: Callable[[dict[str, int]], dict[str, int]],
                scales: Mapping[str, float] | None = None, neighbours: Sequence[set[int]] | None = None):
     """Counts ``keep`` brought within ``limits`` (kind -> most allowed count, e.g.
@@ -37,8 +29,9 @@ def fit_widths(units: Sequence[Unit], keep: dict[str, int], curves, mins: Sequen
     to ``scales[kind]``, e.g. the model's total count; default the limit), the least
     error rise per unit of it saved; stops when every unit is at its floor (``mins``).
     Then up, while a step still fits every limit: the most error removed per share of
-    the tightest remaining slack. ``neighbours`` (:func:`unit_neighbours`) lets the up
-    phase re-count only the steps a change can affect; the chosen step is always counted
+    the tightest remaining slack. ``neighbours`` (per item, the items whose steps change
+    what its step costs: :meth:`~thinet_fast.pipeline.budget_items.CountModel.neighbours`)
+    lets the up phase re-count only the steps a change can affect; the chosen step is always counted
     exactly, and before stopping every step is, so the result does not depend on it.
     ``units`` may be any items with ``producer`` and ``channels`` (a budget's
     :class:`~thinet_fast.pipeline.budget_items.Item`); ``multiple``: one for all, or one

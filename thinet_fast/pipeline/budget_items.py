@@ -35,7 +35,7 @@ from ..units import Unit
 
 __all__ = ["Item", "unit_items", "group_items", "head_items", "Shadow", "CountModel"]
 
-KINDS = ("flops", "params")
+COUNTED = ("flops", "params")
 
 
 @dataclass(eq=False)
@@ -139,7 +139,7 @@ class Shadow:
             cut_heads(self.model, site, torch.arange(n), proj.weight[:, :n * site.head_dim],
                       None if proj.bias is None else proj.bias)
 
-    def counts(self, kinds=KINDS) -> dict[str, int]:
+    def counts(self, kinds=COUNTED) -> dict[str, int]:
         out = {}
         if "flops" in kinds:
             out["flops"] = count_flops(self.model, self.example)
@@ -166,7 +166,6 @@ class CountModel:
         if order != sorted(order):
             raise ValueError("items must come units first, then groups, then heads (the order of the cuts)")
         self.shadow, self.items = shadow, list(items)
-        self.index = {it.producer: i for i, it in enumerate(self.items)}
         self.exact_only = False
         try:
             self._probe()
@@ -179,7 +178,9 @@ class CountModel:
         layers = profile(probe.model, probe.example).layers
         rates: dict[tuple[str, int], dict[int, int]] = {}
         self.blocks: dict[int, tuple[int, int, float]] = {}   # head item -> (prefix params, params/head, flops/head)
-        flops_of = {lc.name: lc.flops for lc in layers}
+        flops_of: dict[str, float] = {}
+        for lc in layers:  # a module called several times: every call
+            flops_of[lc.name] = flops_of.get(lc.name, 0) + lc.flops
         before = base
         for i, it in enumerate(self.items):
             probe.cut(it, it.channels - 1)
@@ -189,6 +190,8 @@ class CountModel:
                 inside = lambda s: {n: v for n, v in s.items() if n.startswith(prefix)}  # noqa: E731
                 if {n: v for n, v in after.items() if not n.startswith(prefix)} != \
                         {n: v for n, v in before.items() if not n.startswith(prefix)}:
+                    raise _Unmodelled
+                if inside(before) != inside(base):  # an earlier item's cut reached into it: not one block
                     raise _Unmodelled
                 p0 = sum(math.prod(v) for v in inside(before).values())
                 p1 = sum(math.prod(v) for v in inside(after).values())
@@ -230,7 +233,7 @@ class CountModel:
     def _removed(self, keep: dict[str, int]) -> list[int]:
         return [it.channels - keep.get(it.producer, it.channels) for it in self.items]
 
-    def __call__(self, keep: dict[str, int], kinds=KINDS) -> dict[str, int]:
+    def __call__(self, keep: dict[str, int], kinds=COUNTED) -> dict[str, int]:
         if self.exact_only:
             return self.exact(keep, kinds)
         r = self._removed(keep)
@@ -249,7 +252,7 @@ class CountModel:
             out["flops"] = int(round(flops))
         return out
 
-    def exact(self, keep: dict[str, int], kinds=KINDS) -> dict[str, int]:
+    def exact(self, keep: dict[str, int], kinds=COUNTED) -> dict[str, int]:
         """The counts of a fresh copy cut to ``keep``."""
         s = self.shadow.copy()
         for it in self.items:

@@ -30,13 +30,13 @@ def budget_items(model: nn.Module, plan: UnitPlan, cfg, example: torch.Tensor, d
     """The items a budget on ``model`` sets: units, then groups, then heads."""
     multiple = round_multiple(cfg.round_to, device)
     items = unit_items(plan.units, multiple)
-    if cfg.coupled != "prune":
-        return items
-    groups, _ = find_groups(model, example, ignored_layers=[get_module(model, f) for f in cfg.ignored_layers],
-                            skip={u.producer for u in plan.units})
-    sites, _ = find_heads(model, cfg.ignored_layers)
-    return (items + group_items([g for g in groups if group_wanted(g, cfg, model)], multiple)
-            + head_items([s for s in sites if wanted(s, cfg)]))
+    if cfg.coupled == "prune":
+        groups, _ = find_groups(model, example, ignored_layers=[get_module(model, f) for f in cfg.ignored_layers],
+                                skip={u.producer for u in plan.units})
+        sites, _ = find_heads(model, cfg.ignored_layers)
+        items += (group_items([g for g in groups if group_wanted(g, cfg, model)], multiple)
+                  + head_items([s for s in sites if wanted(s, cfg)]))
+    return [it for it in items if it.channels >= 2]  # one step: nothing to allocate
 
 
 def _tagged(tag: str, watched: list) -> list:
@@ -60,10 +60,16 @@ def item_curves(model: nn.Module, items: list[Item], data, spec, cfg, device, *,
         for h in handles:
             h.remove()
     by = {tag: {key: st for (t, key), st in stats.items() if t == tag} for tag in ("unit", "reader", "heads")}
-    selecting = ([by["unit"][u.producer] for u in units] + [group_statistics(g, by["reader"]) for g in groups]
-                 + [head_gram(by["heads"][s.name], s.heads) for s in sites])
+
+    def selecting(it):  # the statistics its stage selects on
+        if it.kind == "unit":
+            return by["unit"][it.producer]
+        if it.kind == "group":
+            return group_statistics(it.source, by["reader"])
+        return head_gram(by["heads"][it.producer], it.channels)
     ctx = SelectContext(backend=selection_backend("thinet", cfg.backend, device))
-    curves = [s.curve for s in get_method("thinet").run_many(selecting, [it.channels for it in items], ctx)]
+    curves = [s.curve for s in get_method("thinet").run_many([selecting(it) for it in items],
+                                                              [it.channels for it in items], ctx)]
     return curves, by["unit"]
 
 

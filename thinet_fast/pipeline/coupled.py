@@ -149,8 +149,9 @@ class CoupledStage:
     """The coupled groups as one step of a schedule: ``run(model)`` prunes them, then
     the attention heads (:mod:`thinet_fast.pipeline.heads`), and keeps the refused roots
     in ``refused`` (a resumed run restores them instead). ``counts``: a budget's widths
-    (group name -> positions per block, site -> heads); a group or site it does not
-    name keeps all."""
+    (group name -> positions per block, site -> heads), which must name exactly the
+    groups and sites the stage finds (RuntimeError otherwise: the budget's counts would
+    not be the model's)."""
 
     def __init__(self, example, data, cfg, device, spec, timer, *, skip=(), counts=None):
         self._args = (example, data, cfg, device, spec, timer)
@@ -163,6 +164,11 @@ class CoupledStage:
         records, self.refused = run_coupled(model, *self._args, skip=self.skip, ignored_layers=ignored,
                                             counts=self.counts)
         heads, refused = run_heads(model, *self._args, first_index=len(records), counts=self.counts)
+        unused = sorted(set(self.counts or ()) - {r.producer for r in records + heads})
+        if unused:
+            raise RuntimeError(f"the budget set widths for {unused}, which the coupled stage did not find on the "
+                               "model as the plain units left it; please report the model (the caller's model is "
+                               "unchanged)")
         self.refused += refused
         return records + heads
 
@@ -254,11 +260,15 @@ def _one_group(model, g: ChannelGroup, data, cfg, device, spec, timer, tag: str,
 
 
 def _n_keep(g: ChannelGroup, cfg, device, counts=None) -> int:
-    """Kept positions per block: a budget's ``counts`` (all where it does not name the
-    group), else ``keep``. With ``round_to=N`` a block keeps a multiple of
+    """Kept positions per block: a budget's ``counts``, else ``keep``. With ``round_to=N`` a block keeps a multiple of
     N / gcd(N, blocks), so the group's whole width (positions × blocks) is one of N."""
     if counts is not None:
-        return int(counts.get(g.name, g.channels // g.blocks))
+        if g.name not in counts and g.channels // g.blocks < 2:
+            return g.channels // g.blocks  # one position per block: not an item of the budget
+        if g.name not in counts:
+            raise RuntimeError(f"the budget has no width for the coupled group `{g.name}`, found after the plain "
+                               "units were cut; please report the model (the caller's model is unchanged)")
+        return int(counts[g.name])
     multiple = round_multiple(cfg.round_to, device)
     multiple //= math.gcd(multiple, g.blocks)
     return n_keep_for(g.channels // g.blocks, _fraction(g, cfg), f"keep for group `{g.name}`", multiple)

@@ -111,9 +111,12 @@ def wanted(site: HeadSite, cfg) -> bool:
 
 
 def heads_kept(site: HeadSite, cfg, counts=None) -> int:
-    """Heads the site keeps: a budget's ``counts`` (all where it does not name the site),
-    else ``keep`` (a fraction, or a count in a keep dict) of them."""
+    """Heads the site keeps: a budget's ``counts``, else ``keep`` (a fraction, or a
+    count in a keep dict) of them."""
     if counts is not None:
+        if site.name not in counts and site.heads >= 2:
+            raise RuntimeError(f"the budget has no head count for `{site.name}`; please report the model (the "
+                               "caller's model is unchanged)")
         return int(counts.get(site.name, site.heads))
     fraction = cfg.keep.get(site.name, 0.5) if isinstance(cfg.keep, dict) else (0.5 if cfg.keep is None
                                                                               else cfg.keep)

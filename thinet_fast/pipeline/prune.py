@@ -9,6 +9,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..counting import count_flops, count_params
 from ..files import check_writable
 from ..report import Report, build_report
 from ..units import UnitPlan, UntraceableModelError, find_units
@@ -193,7 +194,9 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
             budget = allocate(work, items, curves, example[:1], **targets, min_keep=cfg.min_keep,
                               ignored_layers=cfg.ignored_layers, skip=[u.producer for u in plan.units],
                               biases=new_biases(work, items, cfg))
-        n_keep = {u.producer: budget.keep[u.producer] for u in plan.units}
+        n_keep = {u.producer: budget.keep.get(u.producer, u.channels) for u in plan.units}
+        coupled_counts = {it.producer: budget.keep[it.producer] for it in items if it.kind != "unit"}
+        del items, curves  # their groups' graphs hold the unpruned modules
         notes.append(budget.note)
     else:
         n_keep = keeps.for_config(plan, cfg, preset, device)
@@ -205,7 +208,7 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
     stage = None
     if cfg.coupled == "prune":
         stage = CoupledStage(example[:1], data, cfg, device, spec, timer, skip={u.producer for u in plan.units},
-                             counts=None if budget is None else budget.keep)
+                             counts=None if budget is None else coupled_counts)
     if cfg.schedule == "sequential" and (plan.units or cfg.resume):
         records = run_sequential(work, plan.units, n_keep, data, cfg, device, spec, timer, graph=plan.graph,
                                  example=example[:1], coupled=stage)
@@ -222,6 +225,8 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
             raise ValueError("nothing was pruned: no plain unit and no coupled group could be pruned:\n"
                              + "\n".join(notes))
     _warn_scarce(records, notes)
+    if budget is not None:
+        _check_budget(work, example[:1], budget)
     if preset is not None and preset.transform is not None:
         work = preset.transform(work)
         notes.append(f"preset {preset.name}: {preset.note}")
@@ -240,6 +245,15 @@ def prune(model: nn.Module, data, config: PruneConfig | None = None, **options) 
         transplant(model, work)  # only now that everything succeeded
         work = model
     return PruneResult(work, report, plan, cfg)
+
+
+def _check_budget(work: nn.Module, example, budget) -> None:
+    """The pruned model's counts are the allocation's: anything else is a bug to report,
+    not a model to return (the caller's model is unchanged)."""
+    got = {"flops": count_flops(work, example), "params": count_params(work)}
+    if got != budget.achieved:
+        raise RuntimeError(f"the pruned model has {got}, but the budget allocated for {budget.achieved}: a layer "
+                           "changed that the budget did not count; please report the model")
 
 
 def _changed_norms(model: nn.Module, records, cfg: PruneConfig, example):
