@@ -10,7 +10,7 @@ pytest.importorskip("torch_pruning")
 import thinet_fast as tf  # noqa: E402
 from torchvision.models import maxvit  # noqa: E402
 
-from thinet_fast.attention import (HEAD_PRUNED_TYPES, HeadPrunedAttention, HeadPrunedRelativeAttention,  # noqa: E402
+from thinet_fast.attention import (HeadPrunedAttention, HeadPrunedRelativeAttention,  # noqa: E402
                                    HeadPrunedWindowAttention, HeadPrunedWindowAttentionV2, cut_heads, find_heads,
                                    pre_projection)
 from thinet_fast.pipeline.collect import StatsSpec, iter_batches  # noqa: E402
@@ -234,34 +234,62 @@ def test_ignored_and_unselected_attention_keeps_its_heads():
     assert not any(isinstance(m, HeadPrunedAttention) for m in res.model.modules())
 
 
-@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-def test_a_small_swin_prunes_its_heads_and_round_trips(tmp_path, v2):
+def _small_swin(v2=False):
     torch.manual_seed(0)
     extra = dict(block=sw.SwinTransformerBlockV2, downsample_layer=sw.PatchMergingV2) if v2 else {}
-    model = sw.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4],
-                               window_size=[4, 4], num_classes=5, **extra).eval()
+    return sw.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[4, 4],
+                              num_classes=5, **extra).eval()
+
+
+def _small_maxvit():
+    torch.manual_seed(0)
+    return maxvit.MaxVit(input_size=(32, 32), stem_channels=16, partition_size=2, block_channels=[32, 64],
+                         block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=5).eval()
+
+
+def _deployable(build, x, res, tmp_path):
+    """The head-pruned model round-trips through save/load, loads into a fresh base of
+    its architecture, and exports to ONNX that onnxruntime runs to the same outputs."""
+    y = res.model(x)
+    assert torch.isfinite(y).all()
+    tf.save(res.model, tmp_path / "m.safetensors")
+    assert torch.allclose(tf.load(tmp_path / "m.safetensors")(x), y, atol=1e-6)
+    tf.save(res.model, tmp_path / "bare.safetensors", skeleton=False)
+    base = build()
+    with torch.no_grad():
+        for p in base.parameters():  # what the base holds must not matter
+            p.add_(1.0)
+    loaded = tf.load(tmp_path / "bare.safetensors", base=base)
+    err = (loaded(x) - y).abs().max().item()
+    print("max |load(base=) - pruned|", err)
+    assert err == 0.0 and [type(m) for m in loaded.modules()] == [type(m) for m in res.model.modules()]
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    check = tf.export_onnx(res.model, x[:2], tmp_path / "m.onnx")
+    print(check)
+    assert check.max_abs_error < 1e-4 and (tmp_path / "m.onnx").stat().st_size > 0
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_a_small_swin_prunes_its_heads_and_round_trips(tmp_path, v2):
     x = torch.rand(8, 3, 32, 32, generator=_gen(13))
-    res = tf.prune(model, x, keep=0.5, num_images=8, coupled="prune", progress=False)
+    res = tf.prune(_small_swin(v2), x, keep=0.5, num_images=8, coupled="prune", progress=False)
     cls = HeadPrunedWindowAttentionV2 if v2 else HeadPrunedWindowAttention
     pruned = [m for m in res.model.modules() if isinstance(m, cls)]
     assert [m.num_heads for m in pruned] == [1, 1, 2]
-    y = res.model(x)
-    assert torch.isfinite(y).all()
-    tf.save(res.model, tmp_path / "s.safetensors")
-    assert torch.allclose(tf.load(tmp_path / "s.safetensors")(x), y, atol=1e-6)
+    if v2:
+        y = res.model(x)
+        tf.save(res.model, tmp_path / "s.safetensors")
+        assert torch.isfinite(y).all() and torch.allclose(tf.load(tmp_path / "s.safetensors")(x), y, atol=1e-6)
+    else:
+        _deployable(_small_swin, x, res, tmp_path)
 
 
 def test_a_small_maxvit_prunes_its_heads_and_round_trips(tmp_path):
-    torch.manual_seed(0)
-    model = maxvit.MaxVit(input_size=(32, 32), stem_channels=16, partition_size=2, block_channels=[32, 64],
-                          block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=5).eval()
     x = torch.rand(8, 3, 32, 32, generator=_gen(15))
-    res = tf.prune(model, x, keep=0.5, num_images=8, coupled="prune", progress=False)
+    res = tf.prune(_small_maxvit(), x, keep=0.5, num_images=8, coupled="prune", progress=False)
     assert [m.n_heads for m in res.model.modules() if isinstance(m, HeadPrunedRelativeAttention)] == [2, 2, 4, 4]
-    y = res.model(x)
-    assert torch.isfinite(y).all()
-    tf.save(res.model, tmp_path / "x.safetensors")
-    assert torch.allclose(tf.load(tmp_path / "x.safetensors")(x), y, atol=1e-6)
+    _deployable(_small_maxvit, x, res, tmp_path)
 
 
 def test_a_finished_checkpoint_restores_the_head_pruned_model(tmp_path, monkeypatch):
@@ -323,56 +351,18 @@ def test_a_head_cut_that_breaks_the_forward_is_an_error(monkeypatch):
     assert isinstance(model.enc.layers[0].self_attn, nn.MultiheadAttention)  # the caller's model is whole
 
 
-def _small(kind):
-    """A small model of each attention kind, its inputs, and its builder (for base=)."""
-    if kind == "mha":
-        build = lambda: (torch.manual_seed(0), _Tiny().eval())[1]  # noqa: E731
-        return build, torch.randn(16, 7, 6, generator=_gen(21))
-    if kind == "swin":
-        build = lambda: (torch.manual_seed(0), sw.SwinTransformer(  # noqa: E731
-            patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[4, 4],
-            num_classes=5).eval())[1]
-        return build, torch.rand(8, 3, 32, 32, generator=_gen(22))
-    build = lambda: (torch.manual_seed(0), maxvit.MaxVit(  # noqa: E731
-        input_size=(32, 32), stem_channels=16, partition_size=2, block_channels=[32, 64], block_layers=[1, 1],
-        head_dim=8, stochastic_depth_prob=0.0, num_classes=5).eval())[1]
-    return build, torch.rand(8, 3, 32, 32, generator=_gen(23))
+def _small_mha():
+    torch.manual_seed(0)
+    return _Tiny().eval()
 
 
-@pytest.mark.parametrize("kind", ["mha", "swin", "maxvit"])
-def test_head_pruned_models_load_into_a_fresh_base(tmp_path, kind):
-    build, x = _small(kind)
-    res = tf.prune(build(), x, keep=0.5, num_images=x.shape[0], coupled="prune", progress=False)
-    assert any(isinstance(m, HEAD_PRUNED_TYPES) for m in res.model.modules())
-    path = tmp_path / "m.safetensors"
-    tf.save(res.model, path, skeleton=False)
-    base = build()
-    with torch.no_grad():
-        for p in base.parameters():  # what the base holds must not matter
-            p.add_(1.0)
-    loaded = tf.load(path, base=base)
-    err = (loaded(x) - res.model(x)).abs().max().item()
-    print(kind, "max |load(base=) - pruned|", err)
-    assert err == 0.0
-    assert [type(m) for m in loaded.modules()] == [type(m) for m in res.model.modules()]
-
-
-def test_head_pruned_base_of_another_architecture_is_refused(tmp_path):
-    build, x = _small("mha")
-    res = tf.prune(build(), x, keep=0.5, num_images=16, coupled="prune", progress=False)
-    tf.save(res.model, tmp_path / "m.safetensors", skeleton=False)
-    other = build()
+def test_head_pruned_multihead_attention_saves_loads_into_a_base_and_exports(tmp_path):
+    x = torch.randn(16, 7, 6, generator=_gen(21))
+    res = tf.prune(_small_mha(), x, keep=0.5, num_images=16, coupled="prune", progress=False)
+    assert sum(isinstance(m, HeadPrunedAttention) for m in res.model.modules()) == 2
+    other = _small_mha()
     other.enc.layers[0].self_attn = nn.Linear(32, 32)
+    tf.save(res.model, tmp_path / "m.safetensors", skeleton=False)
     with pytest.raises(ValueError, match="saved `enc.layers.0.self_attn` is a .*HeadPrunedAttention with 2 heads"):
         tf.load(tmp_path / "m.safetensors", base=other)
-
-
-@pytest.mark.parametrize("kind", ["mha", "swin", "maxvit"])
-def test_head_pruned_models_export_to_onnx(tmp_path, kind):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    build, x = _small(kind)
-    res = tf.prune(build(), x, keep=0.5, num_images=x.shape[0], coupled="prune", progress=False)
-    check = tf.export_onnx(res.model, x[:2], tmp_path / "m.onnx")
-    print(kind, check)
-    assert check.max_abs_error < 1e-4 and (tmp_path / "m.onnx").stat().st_size > 0
+    _deployable(_small_mha, x, res, tmp_path)
