@@ -165,7 +165,10 @@ def allocate(model: nn.Module, items: list[Item], curves: list[torch.Tensor], ex
         achieved = counter.exact(keep)
     totals = {"flops": count_flops(model, example), "params": count_params(model)}
     alloc = Allocation(keep, achieved, totals, cons, "", min_keep)
-    alloc.note = _note(alloc, max(multiples, default=1), items, exact_fit)
+    floor = None
+    if not alloc.met:  # what the narrowest allowed widths reach: the rest is out of every item's reach
+        floor = counter.exact({it.producer: m for it, m in zip(items, mins)}, kinds)
+    alloc.note = _note(alloc, max(multiples, default=1), items, exact_fit, floor)
     return alloc
 
 
@@ -217,7 +220,7 @@ def _fmt(v: float) -> str:
     return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}K" if v >= 1e3 else f"{v:.0f}"
 
 
-def _note(alloc: Allocation, multiple: int, items=(), exact_fit: bool = False) -> str:
+def _note(alloc: Allocation, multiple: int, items=(), exact_fit: bool = False, floor=None) -> str:
     """The report's line: each count against its target, how the keep was allocated."""
     by = {c.kind: c for c in alloc.constraints}
     title = " and ".join({"flops": "FLOPs", "params": "params"}[k] for k in by) + " budget"
@@ -241,4 +244,8 @@ def _note(alloc: Allocation, multiple: int, items=(), exact_fit: bool = False) -
     missed = [c.option for c in alloc.constraints if alloc.achieved[c.kind] > c.limit]
     if missed:
         note += f"; the budget could not be met within min_keep={alloc.min_keep}{rounded} ({', '.join(missed)})"
+        if floor is not None:
+            note += ("; every item at its min_keep floor still leaves " + ", ".join(
+                f"{_fmt(floor[k])} {KINDS[k][1]} ({floor[k] / alloc.totals[k]:.3f})" for k in floor)
+                + ": the rest sits in layers no prunable unit, group or head reaches")
     return note
