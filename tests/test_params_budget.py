@@ -274,3 +274,30 @@ def test_layers_that_gain_a_bias_are_counted():
     off = tf.prune(model, data, params_target=0.5, bias_compensation=False, **KW)
     assert not [n for n, m in off.model.named_modules() if getattr(m, "bias", None) is not None]
     assert tf.count_params(off.model) <= limit
+
+
+class _DataDependent(torch.nn.Module):
+    """A forward that needs the data (as a detector's box selection): nothing runs it on
+    the meta device, so the budget counts a real copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(1, 8, 3), torch.nn.Conv2d(8, 12, 3)
+        self.fc = torch.nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        rows = torch.nonzero(h.flatten(1).abs().sum(1) >= 0).squeeze(1)  # every row, but data-dependent
+        return self.fc(h.index_select(0, rows).mean((2, 3)))
+
+
+def test_a_model_the_meta_device_cannot_run_is_counted_on_a_real_copy():
+    torch.manual_seed(0)
+    model, data = _DataDependent().eval(), _data((1, 12, 12))
+    with pytest.raises(NotImplementedError):
+        copy.deepcopy(model).to("meta")(data[0].to("meta"))
+    for coupled in ("refuse", "prune"):
+        res = tf.prune(model, data, params_target=0.5, coupled=coupled, **KW)
+        got = tf.count_params(res.model)
+        print(coupled, got, 0.5 * tf.count_params(model), _kept(res))
+        assert got <= 0.5 * tf.count_params(model) and res.report.config["budget"]["params"]["achieved"] == got

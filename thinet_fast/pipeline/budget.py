@@ -144,7 +144,11 @@ def allocate(model: nn.Module, items: list[Item], curves: list[torch.Tensor], ex
     cons = budget_constraints(model, example, flops_target=flops_target, params_target=params_target)
     if len(curves) != len(items):
         raise ValueError(f"allocate: {len(curves)} error curves for {len(items)} items")
-    counter = CountModel(Shadow(model, example, ignored_layers=ignored_layers, skip=skip, biases=biases), items)
+    found = dict(ignored_layers=ignored_layers, skip=skip, biases=biases)
+    try:
+        counter = CountModel(Shadow(model, example, **found), items)
+    except (NotImplementedError, RuntimeError):  # a forward that needs data (e.g. nonzero): count a real copy
+        counter = CountModel(Shadow(model, example, **found, device=example.device), items)
     for c in cons:
         c.costs = counter.step_costs(c.kind)
     kinds = tuple(c.kind for c in cons)

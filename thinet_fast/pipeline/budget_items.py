@@ -78,16 +78,17 @@ class Shadow:
     a unit cut would point at the modules that cut replaced. ``ignored_layers`` (fqns)
     and ``skip`` (unit producers) are what the real model's groups are found with;
     ``biases``: layers that hold a (zero) bias from the start, as the pipeline will
-    give them one."""
+    give them one. ``device``: "meta" (shapes only), or a real device for a model whose
+    forward needs data (a detector's box selection)."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, *, ignored_layers: Sequence[str] = (),
-                 skip: Sequence[str] = (), biases: Sequence[str] = ()):
-        self.pristine = copy.deepcopy(model).to("meta")  # never cut: what copy() starts from
+                 skip: Sequence[str] = (), biases: Sequence[str] = (), device="meta"):
+        self.pristine = copy.deepcopy(model).to(device)  # never cut: what copy() starts from
         for name in biases:  # layers the pipeline will give a bias (budget_stats.new_biases)
             m = self.pristine.get_submodule(name)
             if m.bias is None:
-                m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], device="meta", dtype=m.weight.dtype))
-        self.example = example.to("meta")
+                m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], device=device, dtype=m.weight.dtype))
+        self.example = example.to(device)
         self._found = (tuple(ignored_layers), tuple(skip))
         self._reset()
 
