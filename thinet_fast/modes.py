@@ -20,3 +20,14 @@ def preserved_modes(model: nn.Module, train: bool | None = None):
         for m, flag in flags:
             if m.training != flag:  # a plain attribute test: cheap on deep models
                 m.training = flag
+
+
+def hooked_forward(model: nn.Module, example_inputs, handles) -> None:
+    """One forward of ``example_inputs`` (a tuple is unpacked) in eval mode, for the
+    hooks behind ``handles``, which are removed afterwards, even on failure."""
+    try:
+        with preserved_modes(model, train=False):
+            model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .modes import preserved_modes
+from .modes import hooked_forward, preserved_modes
 from .tracing import UntraceableModelError, trace
 
 __all__ = ["Region", "Entry", "Exit", "TokenExit", "find_regions", "output_widths"]
@@ -161,12 +161,7 @@ def find_regions(model: nn.Module, example_inputs) -> list[Scope]:
         def hook(mod, args, kwargs, out, _calls=calls):
             _calls.setdefault(id(mod), (_detach(args), _detach(kwargs), [t.detach() for t in _tensors(out)]))
         handles.append(m.register_forward_hook(hook, with_kwargs=True))
-    try:
-        with preserved_modes(model, train=False):
-            model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_forward(model, example_inputs, handles)
     return [Scope(name, m, *calls[id(m)]) for name, m in candidates if id(m) in calls]
 
 

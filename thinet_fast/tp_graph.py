@@ -9,7 +9,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .modes import preserved_modes
+from .modes import hooked_forward, preserved_modes
 from .regions import TokenExit
 
 __all__ = ["torch_pruning", "dependency_graph", "input_shapes", "graph_name", "owners", "root_idxs", "mixing",
@@ -100,12 +100,7 @@ def input_shapes(model: nn.Module, example_inputs) -> dict[nn.Module, tuple]:
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             handles.append(m.register_forward_pre_hook(hook))
-    try:
-        with preserved_modes(model, train=False):
-            model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_forward(model, example_inputs, handles)
     return shapes
 
 
