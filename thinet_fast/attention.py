@@ -31,7 +31,7 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedW
 from .modules import set_module
 from .ops.reconstruct import channel_taps
 
-__all__ = ["HeadSite", "find_heads", "pre_projection", "cut_heads", "HeadPrunedAttention",
+__all__ = ["HeadSite", "find_heads", "pre_projection", "cut_heads", "cut_first_heads", "HeadPrunedAttention",
            "HeadPrunedWindowAttention", "HeadPrunedWindowAttentionV2", "HeadPrunedRelativeAttention",
            "HEAD_PRUNED_TYPES", "heads_of",
            "window_attention", "ATTENTION_TYPES"]
@@ -149,6 +149,13 @@ def cut_heads(model: nn.Module, site: HeadSite, keep: torch.Tensor, weight: torc
             proj.bias.copy_(bias.to(proj.bias))
     set_module(model, site.name, new)
     return new
+
+
+def cut_first_heads(model: nn.Module, site: HeadSite, n: int) -> nn.Module:
+    """``site`` cut to its first ``n`` heads, the projection's columns for them kept: the
+    shapes of any ``n``-head cut (for counting, or for saved weights to fill)."""
+    proj = site.projection
+    return cut_heads(model, site, torch.arange(n), proj.weight[:, :n * site.head_dim], proj.bias)
 
 
 def _linear(old: nn.Linear, rows=None, cols=None, bias: bool | None = None) -> nn.Linear:

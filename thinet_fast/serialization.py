@@ -339,8 +339,7 @@ def _cut_base_heads(parent: nn.Module, name: str, cur, spec: dict, fqn: str) -> 
         raise ValueError(f"load(base=...): the saved `{fqn}` is a {spec['class']} with {spec['heads']} heads, but "
                          f"the base has {'no module there' if cur is None else 'a ' + _class_name(cur)}; "
                          "build the base with the same architecture")
-    n, proj = spec["heads"], site.projection
-    new = attention.cut_heads(parent, site, torch.arange(n), proj.weight[:, :n * site.head_dim], proj.bias)
+    new = attention.cut_first_heads(parent, site, spec["heads"])
     if _class_name(new) != spec["class"]:
         raise ValueError(f"load(base=...): base module `{fqn}` cuts to a {_class_name(new)}, the saved one is a "
                          f"{spec['class']}; build the base with the same architecture")

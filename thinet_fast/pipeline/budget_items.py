@@ -27,11 +27,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..attention import cut_heads, find_heads
+from ..attention import cut_first_heads, find_heads
 from ..counting import count_flops, count_params, profile
 from ..groups import find_groups
 from ..rewrite import prune_unit_
 from ..units import Unit
+from .keeps import block_multiple
 
 __all__ = ["Item", "unit_items", "group_items", "head_items", "Shadow", "CountModel"]
 
@@ -58,9 +59,8 @@ def unit_items(units: Sequence[Unit], multiple: int = 1) -> list[Item]:
 
 def group_items(groups, multiple: int = 1) -> list[Item]:
     """A group keeps the same positions in each of its ``blocks``; with ``round_to`` its
-    whole width stays a multiple of it (as :func:`~thinet_fast.pipeline.coupled._n_keep`)."""
-    return [Item(g.name, g.channels // g.blocks, "group", max(1, multiple // math.gcd(multiple, g.blocks)), g)
-            for g in groups]
+    whole width stays a multiple of it (:func:`~thinet_fast.pipeline.keeps.block_multiple`)."""
+    return [Item(g.name, g.channels // g.blocks, "group", block_multiple(multiple, g.blocks), g) for g in groups]
 
 
 def head_items(sites) -> list[Item]:
@@ -135,10 +135,7 @@ class Shadow:
             per = g.channels // g.blocks
             g.prune([b * per + p for b in range(g.blocks) for p in range(n, per)])
         else:
-            site = found[item.producer]
-            proj = site.projection
-            cut_heads(self.model, site, torch.arange(n), proj.weight[:, :n * site.head_dim],
-                      None if proj.bias is None else proj.bias)
+            cut_first_heads(self.model, found[item.producer], n)
 
     def counts(self, kinds=COUNTED) -> dict[str, int]:
         out = {}

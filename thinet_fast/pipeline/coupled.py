@@ -9,7 +9,6 @@ space; then Torch-Pruning cuts the group (producers, followers, readers) physica
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -24,7 +23,7 @@ from ..units import Unit, get_module
 from .collect import StatsSpec, collect_accumulators, iter_batches, progress_bar
 from .decide import decide
 from .heads import run_heads
-from .keeps import n_keep_for, round_multiple
+from .keeps import block_multiple, n_keep_for, round_multiple
 from .methods import SelectContext, get_method, selection_backend
 
 __all__ = ["run_coupled", "group_statistics", "reader_unit", "bias_home"]
@@ -155,12 +154,12 @@ class CoupledStage:
 
     def __init__(self, example, data, cfg, device, spec, timer, *, skip=(), counts=None):
         self._args = (example, data, cfg, device, spec, timer)
-        self.skip, self.counts = skip, counts
+        self.cfg, self.skip, self.counts = cfg, skip, counts
         self.refused: list[tuple[str, str]] = []
 
     def run(self, model: nn.Module) -> list[UnitRecord]:
         # the ignored modules are looked up now: a unit cut may have replaced them
-        ignored = [get_module(model, f) for f in self._args[2].ignored_layers]
+        ignored = [get_module(model, f) for f in self.cfg.ignored_layers]
         records, self.refused = run_coupled(model, *self._args, skip=self.skip, ignored_layers=ignored,
                                             counts=self.counts)
         heads, refused = run_heads(model, *self._args, first_index=len(records), counts=self.counts)
@@ -260,17 +259,17 @@ def _one_group(model, g: ChannelGroup, data, cfg, device, spec, timer, tag: str,
 
 
 def _n_keep(g: ChannelGroup, cfg, device, counts=None) -> int:
-    """Kept positions per block: a budget's ``counts``, else ``keep``. With ``round_to=N`` a block keeps a multiple of
-    N / gcd(N, blocks), so the group's whole width (positions × blocks) is one of N."""
+    """Kept positions per block: a budget's ``counts``, else ``keep``. With ``round_to=N``
+    a block keeps a multiple of N / gcd(N, blocks) (:func:`~.keeps.block_multiple`), so
+    the group's whole width (positions × blocks) is one of N."""
     if counts is not None:
-        if g.name not in counts and g.channels // g.blocks < 2:
-            return g.channels // g.blocks  # one position per block: not an item of the budget
         if g.name not in counts:
+            if g.channels // g.blocks < 2:
+                return g.channels // g.blocks  # one position per block: not an item of the budget
             raise RuntimeError(f"the budget has no width for the coupled group `{g.name}`, found after the plain "
                                "units were cut; please report the model (the caller's model is unchanged)")
         return int(counts[g.name])
-    multiple = round_multiple(cfg.round_to, device)
-    multiple //= math.gcd(multiple, g.blocks)
+    multiple = block_multiple(round_multiple(cfg.round_to, device), g.blocks)
     return n_keep_for(g.channels // g.blocks, _fraction(g, cfg), f"keep for group `{g.name}`", multiple)
 
 

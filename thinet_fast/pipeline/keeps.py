@@ -23,6 +23,7 @@ blocks rounds its whole width (``pipeline.coupled._n_keep``).
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -87,6 +88,12 @@ def round_counts(counts: Sequence[int], channels: Sequence[int], multiple: int |
         raise ValueError(f"round_counts: {len(counts)} counts for {len(channels)} channel counts")
     floors = [1] * len(counts) if floors is None else floors
     return [round_count(int(n), int(c), int(m), int(f)) for n, c, m, f in zip(counts, channels, multiples, floors)]
+
+
+def block_multiple(multiple: int, blocks: int) -> int:
+    """The multiple a group's positions per block keep so that its whole width
+    (positions × ``blocks``) is a multiple of ``multiple``: N / gcd(N, blocks)."""
+    return multiple // math.gcd(multiple, blocks)
 
 
 def per_item(value: int | Sequence[int], n: int, who: str) -> list[int]:

@@ -105,14 +105,13 @@ def dry_run(model: nn.Module, example: torch.Tensor, config: PruneConfig | None 
 def _plan_heads(work: nn.Module, example, cfg, p: int, f: int) -> list[PlannedUnit]:
     """Each attention module's heads cut to the count prune() keeps (channels = heads);
     ``p``, ``f``: the model's parameters and FLOPs now."""
-    from ..attention import cut_heads, find_heads
+    from ..attention import cut_first_heads, find_heads
     from .heads import heads_kept, wanted
 
     rows = []
     for site in [s for s in find_heads(work, cfg.ignored_layers)[0] if wanted(s, cfg)]:
-        n, d, proj = heads_kept(site, cfg), site.head_dim, site.projection
-        cols = torch.arange(n * d)
-        cut_heads(work, site, torch.arange(n), proj.weight[:, cols], proj.bias)
+        n = heads_kept(site, cfg)
+        cut_first_heads(work, site, n)
         p1, f1 = count_params(work), count_flops(work, example[:1])
         rows.append(PlannedUnit(site.name, f"{site.name}.{site.projection_name}", site.heads, n, p - p1, f - f1))
         p, f = p1, f1
