@@ -104,3 +104,34 @@ def test_without_upstream_pruning_the_targets_agree():
     assert torch.allclose(cross.scale_towards(G, H, keep), reconstruct.ls_scale(G, keep), atol=1e-9)
     assert torch.allclose(cross.towards_error(G, H, cross.channel_gram(W, Pr), keep),
                           reconstruct.scale_error(G, keep), atol=1e-12)
+
+
+def test_refit_across_matches_least_squares_and_undoes_a_renormalisation():
+    """A Linear behind a LayerNorm whose channels a cut halved: fitted on the kept
+    channels renormalised, towards its output on the full ones."""
+    g = torch.Generator().manual_seed(7)
+    N, m, K = 200, 12, 5
+    x = torch.randn(N, m, generator=g, dtype=torch.float64) @ torch.randn(m, m, generator=g, dtype=torch.float64)
+    keep = torch.tensor([0, 2, 3, 5, 8, 9, 11])
+    one = torch.ones(N, 1, dtype=torch.float64)
+    z = torch.cat([torch.nn.functional.layer_norm(x, (m,)), one], 1)                  # before the cut
+    zc = torch.cat([torch.nn.functional.layer_norm(x[:, keep], (keep.numel(),)), one], 1)  # after it
+    W = torch.randn(K, m + 1, generator=g, dtype=torch.float64)                        # last column: bias
+    prior = W[:, torch.cat([keep, torch.tensor([m])])]
+    for ridge in (1e-9, 1e-2):
+        got = cross.refit_across(W, zc.T @ zc, zc.T @ z, z.T @ z, prior, ridge=ridge)
+        want = cross.refit_across_ref(W, zc, z, prior, ridge=ridge)
+        # the renormalised features sum to zero: Θ is unique only up to that direction,
+        # so the outputs are compared
+        out_err = float((zc @ (got[0] - want[0]).T).abs().max())
+        print(ridge, "output err", out_err, "errors", got[1:], want[1:])
+        assert out_err < 1e-6
+        assert abs(got[1] - want[1]) < 1e-9 and abs(got[2] - want[2]) < 1e-9
+    # brute force: no Θ on these samples does better than the (almost unridged) fit
+    theta = cross.refit_across(W, zc.T @ zc, zc.T @ z, z.T @ z, prior, ridge=1e-12)[0]
+    Y = z @ W.T
+    best = float(((zc @ theta.T - Y) ** 2).sum())
+    for _ in range(20):
+        other = theta + 1e-3 * torch.randn(theta.shape, generator=g, dtype=torch.float64)
+        assert float(((zc @ other.T - Y) ** 2).sum()) >= best
+    assert got[2] < got[1]  # the refit beats the cut's own weights

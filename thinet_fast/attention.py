@@ -31,7 +31,7 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedW
 from .modules import set_module
 from .ops.reconstruct import channel_taps
 
-__all__ = ["HeadSite", "find_heads", "pre_projection", "cut_heads", "cut_first_heads", "HeadPrunedAttention",
+__all__ = ["HeadSite", "find_heads", "pre_projection", "cut_heads", "cut_first_heads", "cut_width", "HeadPrunedAttention",
            "HeadPrunedWindowAttention", "HeadPrunedWindowAttentionV2", "HeadPrunedRelativeAttention",
            "HEAD_PRUNED_TYPES", "heads_of",
            "window_attention", "ATTENTION_TYPES"]
@@ -59,7 +59,7 @@ class HeadSite:
     def qkv_weight(self) -> torch.Tensor:
         """The fused (q; k; v) input projection weight (3·heads·head_dim, width)."""
         m = self.module
-        return m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else \
+        return m.in_proj_weight if isinstance(m, (nn.MultiheadAttention, HeadPrunedAttention)) else \
             (m.qkv if hasattr(m, "qkv") else m.to_qkv).weight
 
 
@@ -80,9 +80,11 @@ def find_heads(model: nn.Module, ignored: Iterable[str] = ()) -> tuple[list[Head
     for name, m in model.named_modules():
         if any(name == i or name.startswith(i + ".") for i in ignored):
             continue
-        if isinstance(m, (HeadPrunedAttention, _WindowForward, HeadPrunedRelativeAttention)):
+        if isinstance(m, (_WindowForward, HeadPrunedRelativeAttention)):
             continue  # pruned once already
-        if isinstance(m, nn.MultiheadAttention):
+        if isinstance(m, HeadPrunedAttention):  # from a head or a width cut: its heads can go too
+            sites.append(HeadSite(name, m, m.num_heads, m.head_dim))
+        elif isinstance(m, nn.MultiheadAttention):
             why = _why_not(m)
             if why:
                 refused.append((name, f"heads kept: {why}"))
@@ -100,14 +102,14 @@ def find_heads(model: nn.Module, ignored: Iterable[str] = ()) -> tuple[list[Head
 def pre_projection(site: HeadSite):
     """While inside, ``site.module`` returns the concatenated heads before its output
     projection (the projection is the identity with zero bias: it is the module's last
-    token-wise op, so the rest of its forward only moves tokens)."""
+    token-wise op, so the rest of its forward only moves tokens; its width may differ
+    from the model's after a cut)."""
     proj = site.projection
     w, b = proj.weight.data, None if proj.bias is None else proj.bias.data
-    if w.shape[0] != w.shape[1]:
-        raise ValueError(f"`{site.name}`: the output projection is not square; its heads were pruned already")
-    proj.weight.data = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
+    inner = w.shape[1]
+    proj.weight.data = torch.eye(inner, dtype=w.dtype, device=w.device)
     if b is not None:
-        proj.bias.data = torch.zeros_like(b)
+        proj.bias.data = b.new_zeros(inner)
     try:
         yield
     finally:
@@ -129,11 +131,13 @@ def cut_heads(model: nn.Module, site: HeadSite, keep: torch.Tensor, weight: torc
     m, d = site.module, site.head_dim
     keep = keep.cpu().sort().values
     rows = _head_rows(keep, d, site.heads * d)
-    if isinstance(m, nn.MultiheadAttention):
+    if isinstance(m, (nn.MultiheadAttention, HeadPrunedAttention)):
+        again = isinstance(m, HeadPrunedAttention)  # masks stay sized for the first module's heads
         new = HeadPrunedAttention(m.embed_dim, keep.numel(), d, bias=m.in_proj_bias is not None,
                                   out_bias=m.out_proj.bias is not None or bias is not None,
-                                  batch_first=m.batch_first, dropout=m.dropout, kept_heads=keep,
-                                  source_heads=site.heads)
+                                  batch_first=m.batch_first, dropout=m.dropout,
+                                  kept_heads=m.kept_heads.cpu()[keep] if again else keep,
+                                  source_heads=m.source_heads if again else site.heads)
         new = new.to(device=m.in_proj_weight.device, dtype=m.in_proj_weight.dtype)
         with torch.no_grad():
             new.in_proj_weight.copy_(m.in_proj_weight[rows.to(m.in_proj_weight.device)])
@@ -156,6 +160,35 @@ def cut_first_heads(model: nn.Module, site: HeadSite, n: int) -> nn.Module:
     shapes of any ``n``-head cut (for counting, or for saved weights to fill)."""
     proj = site.projection
     return cut_heads(model, site, torch.arange(n), proj.weight[:, :n * site.head_dim], proj.bias)
+
+
+def cut_width(m: nn.Module, keep: torch.Tensor) -> "HeadPrunedAttention":
+    """``m`` (``nn.MultiheadAttention`` or :class:`HeadPrunedAttention`) on the model
+    width channels ``keep`` only: the input projection loses those columns, the output
+    projection those rows; heads and their width stay. A new module, sharing nothing."""
+    if isinstance(m, nn.MultiheadAttention):
+        why = _why_not(m)
+        if why:
+            raise ValueError(f"cannot cut the width of this MultiheadAttention: {why}")
+        heads, d, kept, source = m.num_heads, m.head_dim, None, None
+    elif isinstance(m, HeadPrunedAttention):
+        heads, d, kept, source = m.num_heads, m.head_dim, m.kept_heads.cpu(), m.source_heads
+    else:
+        raise TypeError(f"cut_width: a MultiheadAttention or HeadPrunedAttention is needed, got {type(m).__name__}")
+    w = m.in_proj_weight
+    keep = keep.to(w.device)
+    new = HeadPrunedAttention(keep.numel(), heads, d, bias=m.in_proj_bias is not None,
+                              out_bias=m.out_proj.bias is not None, batch_first=m.batch_first, dropout=m.dropout,
+                              kept_heads=kept, source_heads=source).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.in_proj_weight.copy_(w[:, keep])
+        if m.in_proj_bias is not None:
+            new.in_proj_bias.copy_(m.in_proj_bias)
+        new.out_proj.weight.copy_(m.out_proj.weight[keep])
+        if m.out_proj.bias is not None:
+            new.out_proj.bias.copy_(m.out_proj.bias[keep])
+    new.train(m.training)
+    return new
 
 
 def _linear(old: nn.Linear, rows=None, cols=None, bias: bool | None = None) -> nn.Linear:

@@ -4,9 +4,12 @@ A *group* is every producer that writes a set of channels (the convs feeding a r
 add, the branches of a concat, an SE gate's expanding conv), every *reader* that takes
 them in (``Conv2d``, also grouped, and ``Linear``, on flattened maps or on tokens), and
 the modules in between that lose the same channels (BatchNorm, depthwise convs,
-per-channel parameters, Torch-Pruning's traced add/cat/split ops). Channels that a
-LayerNorm or GroupNorm normalises together are kept: cutting some would renormalise the
-rest in every sample.
+per-channel parameters, Torch-Pruning's traced add/cat/split ops). A LayerNorm over
+the group's channels (a transformer's residual stream) and ``nn.MultiheadAttention``
+reading and writing them are members too: cutting some channels renormalises the rest
+in every token, so such a group's readers (Linear layers and the attention's input
+projection) are refitted on what they see after the cut (:mod:`thinet_fast.pipeline.
+coupled`). Channels a GroupNorm normalises together are kept.
 
 The graph comes from Torch-Pruning (autograd tracing: it follows any model that runs,
 also those torch.fx cannot trace, e.g. detection models; :mod:`thinet_fast.tp_graph`
@@ -23,6 +26,9 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from torchvision.models.vision_transformer import VisionTransformer
+
+from . import attention
 from .ops.patches import ConsumerGeometry, UnsupportedConsumer
 from .regions import Entry, Exit, TokenExit, find_regions
 from .tp_graph import all_groups, dependency_graph, graph_name, input_shapes, members, mixing, owners, root_idxs
@@ -45,7 +51,7 @@ class UnsupportedGroupError(ValueError):
 class Reader:
     """A layer that reads channels of a group: its statistics are taken at its input."""
 
-    module: nn.Module
+    module: nn.Module              # or an nn.MultiheadAttention: its input projection reads
     name: str
     kind: str                      # "conv" | "linear"
     geometry: ConsumerGeometry     # a Linear on tokens reads like a 1x1 conv
@@ -63,7 +69,8 @@ class Reader:
 
     def kernel(self) -> torch.Tensor:
         """The weight as a dense (K, C, kh, kw) or (K, C·t) kernel for the statistics."""
-        w = self.module.weight.detach()
+        w = getattr(self.module, "weight", None)
+        w = (self.module.in_proj_weight if w is None else w).detach()  # attention: its input projection
         if self.tokens:
             return w[:, :, None, None]
         if self.groups == 1:
@@ -100,15 +107,53 @@ class ChannelGroup:
     blocks: int = 1
     notes: tuple[str, ...] = ()
     graph: Any = field(default=None, repr=False)  # the DependencyGraph that cuts it
+    norms: tuple[str, ...] = ()      # LayerNorms across the channels: the readers see them renormalised
+    attention: tuple[str, ...] = ()  # MultiheadAttention reading and writing them (its model width)
+
+    @property
+    def normalised(self) -> bool:
+        """Whether a cut changes what the kept channels' readers see (a LayerNorm
+        renormalises them, or attention mixes them): readers are refitted after the cut."""
+        return bool(self.norms or self.attention)
 
     def prune(self, drop: list[int]) -> None:
-        """Cut the positions ``drop`` from every member (Torch-Pruning)."""
-        if drop:
-            self.graph.get_pruning_group(self.root, self.root_fn, drop).prune()
+        """Cut the positions ``drop`` from every member (Torch-Pruning; attention's model
+        width by :func:`~thinet_fast.attention.cut_width`, as Torch-Pruning would also
+        cut the heads' width)."""
+        if not drop:
+            return
+        group = self.graph.get_pruning_group(self.root, self.root_fn, drop)
+        mha = [it for it in group if isinstance(it[0].target.module, nn.MultiheadAttention)]
+        if mha:
+            group._group = [it for it in group._group if not isinstance(it[0].target.module,
+                                                                        nn.MultiheadAttention)]
+        group.prune()
+        for item in mha:
+            old = item[0].target.module
+            keep = torch.tensor(sorted(set(range(old.embed_dim)) - {int(i) for i in item[1]}), dtype=torch.long)
+            _replace(self.graph.model, old, attention.cut_width(old, keep))
+        sync_widths(self.graph.model)
 
     @property
     def readers(self) -> list[Reader]:
         return [ln.reader for ln in self.links]
+
+
+def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for m in root.modules():
+        for n, child in m._modules.items():
+            if child is old:
+                m._modules[n] = new
+                return
+    raise RuntimeError(f"a {type(old).__name__} of the group is not in the model it was traced on")
+
+
+def sync_widths(model: nn.Module) -> None:
+    """Attributes that repeat a width a cut changed: torchvision's ViT reshapes its
+    patches with ``hidden_dim``."""
+    for m in model.modules():
+        if isinstance(m, VisionTransformer):
+            m.hidden_dim = m.conv_proj.out_channels
 
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
@@ -174,6 +219,7 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
     pos = {r: i for i, r in enumerate(roots)}
     links: list[Link] = []
     producers, followers, notes, blocks = [], [], [], 1
+    norms, mha = [], []
     for item in items:
         dep, idxs = item[0], item[1]
         module, handler = dep.target.module, dep.handler
@@ -228,9 +274,6 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
             elif isinstance(module, nn.Linear):
                 shape = (shapes or {}).get(module, ())
                 reader, chans, posl = _linear_reader(module, name, pairs, pos, tokens=len(shape) > 2)
-            elif isinstance(module, nn.MultiheadAttention):
-                raise UnsupportedGroupError(f"`{name}` (MultiheadAttention) reads these channels; attention "
-                                            "heads are not pruned")
             else:
                 raise UnsupportedGroupError(f"`{name}` ({type(module).__name__}) reads these channels; statistics "
                                             "are taken at Conv2d and Linear readers only")
@@ -249,20 +292,35 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
             producers.append(name)
         elif isinstance(module, _CHANNELWISE):
             followers.append(name)
+        elif isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and _identity(item, C) and \
+                module.normalized_shape[0] == C:
+            norms.append(name)  # renormalises the kept channels: the readers are refitted after the cut
         elif isinstance(module, _ACROSS):
-            # cutting some channels renormalises the others per sample: the readers'
-            # statistics, taken before the cut, no longer describe what they will see
             raise UnsupportedGroupError(
-                f"`{name}` ({type(module).__name__}) normalises across these channels, so cutting some changes "
-                "the others in every sample; they are kept")
+                f"`{name}` ({type(module).__name__}) normalises across these channels"
+                + (" and others" if isinstance(module, nn.LayerNorm) else " in groups") + ", so cutting some "
+                "changes the others in every sample; they are kept")
         elif isinstance(module, nn.MultiheadAttention):
-            raise UnsupportedGroupError(f"`{name}` (MultiheadAttention) is coupled to these channels; attention "
-                                        "heads are not pruned")
+            why = attention._why_not(module) or (None if _identity(item, C) and module.embed_dim == C else
+                                                 "it sees these channels mixed with others")
+            if why:
+                raise UnsupportedGroupError(f"`{name}` (MultiheadAttention) reads and writes these channels, and "
+                                            f"{why}; they are kept")
+            mha.append(name)  # a reader through its input projection (every token a sample), and a producer
+            links.append(Link(Reader(module, name, "linear", ConsumerGeometry.conv(1), C, tokens=True),
+                              torch.arange(C), torch.arange(C)))
         else:
             raise UnsupportedGroupError(f"`{name}` ({type(module).__name__}) is coupled to these channels and "
                                         "thinet_fast does not know how it uses them")
     if C % blocks:
         raise UnsupportedGroupError(f"{C} channels do not split into {blocks} equal blocks")
+    if norms or mha:  # refitted after the cut from their own input and output (Linear layers only)
+        other = next((ln.reader for ln in links if ln.reader.kind != "linear" or ln.reader.taps != 1), None)
+        if other is not None:
+            raise UnsupportedGroupError(
+                f"`{other.name}` ({type(other.module).__name__}) reads channels that "
+                f"`{(norms or mha)[0]}` renormalises or mixes; such readers are refitted after the cut, which "
+                "thinet_fast does for Linear layers (on tokens or features) only; they are kept")
     merged: dict[tuple[int, int], Link] = {}  # one link per reader
     for ln in links:
         old = merged.get(ln.reader.key)
@@ -277,7 +335,8 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
             raise UnsupportedGroupError(f"grouped reader `{ln.reader.name}` reads only part of the group")
     root = items[0][0].target.module
     return ChannelGroup(graph_name(DG, root), root, items[0][0].handler, C, tuple(dict.fromkeys(producers)),
-                        tuple(dict.fromkeys(followers)), list(merged.values()), blocks, tuple(notes))
+                        tuple(dict.fromkeys(followers)), list(merged.values()), blocks, tuple(notes),
+                        norms=tuple(dict.fromkeys(norms)), attention=tuple(dict.fromkeys(mha)))
 
 
 def find_groups(model: nn.Module, example_inputs, *, ignored_layers: Iterable[nn.Module] = (),

@@ -120,6 +120,15 @@ def owners(DG) -> dict:
     return found
 
 
+def _node_params(DG) -> set:
+    """ids of the parameters inside the modules the graph holds as nodes (cached)."""
+    found = getattr(DG, "_thinet_node_params", None)
+    if found is None:
+        found = {id(p) for m in DG.module2node if isinstance(m, nn.Module) for p in m.parameters()}
+        DG._thinet_node_params = found
+    return found
+
+
 _PRODUCTS = ("Addmm", "Mm", "Bmm", "Baddbmm", "Addbmm", "Mv", "Dot", "Convolution", "Linear", "Matmul", "Einsum")
 _VIEWS = ("TBackward", "PermuteBackward", "TransposeBackward", "ViewBackward", "UnsafeViewBackward",
           "ExpandBackward", "ReshapeAliasBackward")
@@ -145,10 +154,12 @@ def mixing(node, DG) -> str | None:
     kind = type(getattr(node, "grad_fn", None)).__name__
     if not kind.startswith(_PRODUCTS):
         return None
-    held_by = owners(DG)
-    held = [held_by.get(id(p)) for p in leaves(node.grad_fn)]
-    if any(m in DG.module2node for m in held if m is not None):
+    params = leaves(node.grad_fn)
+    inside = _node_params(DG)
+    if any(id(p) in inside for p in params):  # e.g. attention's out_proj, run by the attention's forward
         return None
+    held_by = owners(DG)
+    held = [held_by.get(id(p)) for p in params]
     named = [m for m in held if m is not None]
     if named:
         return (f"these channels reach {kind[:-len('Backward0')] or kind} on the weight of "

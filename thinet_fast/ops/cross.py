@@ -15,6 +15,10 @@ current model, columns the unpruned one), next to ``P' = Σ z' z'ᵀ``:
 
 When nothing upstream was pruned z' = z, Q = P' and both reduce to the ``"current"``
 fits. Each op has a ``*_ref`` twin built from explicit patches.
+
+:func:`refit_across` is the same full refit for a Linear whose input changed width and
+meaning (a LayerNorm renormalising the channels a cut kept): z' has n features, z has m,
+``Q`` is n × m, and a constant feature appended to both carries the bias.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from .patches import ConsumerGeometry, gather_patches, gather_patches_ref
 from .reconstruct import DEFAULT_RIDGE, _check_square, _keep_index, _lam, _ridge_solve, channel_taps
 
 __all__ = ["cross_moments", "cross_moments_ref", "channel_gram", "channel_gram_ref", "refit_towards",
-           "refit_towards_ref", "scale_towards", "scale_towards_ref", "towards_error"]
+           "refit_towards_ref", "scale_towards", "scale_towards_ref", "towards_error",
+           "refit_across", "refit_across_ref", "across_error"]
 
 
 def cross_moments(x_cur: torch.Tensor, x_ref: torch.Tensor, geometry: ConsumerGeometry, img, oy, ox, *,
@@ -144,3 +149,46 @@ def towards_error(G_cur: torch.Tensor, H: torch.Tensor, G_ref: torch.Tensor, kee
     yy = G_ref.double().sum()
     err = w @ G_cur.double()[S][:, S] @ w - 2 * (H.double()[S].sum(1) @ w) + yy
     return (err / yy.clamp_min(torch.finfo(torch.float64).tiny)).clamp_min(0)
+
+
+def refit_across(weight: torch.Tensor, P_cur: torch.Tensor, Q: torch.Tensor, P_ref: torch.Tensor,
+                 prior: torch.Tensor, *, ridge: float = DEFAULT_RIDGE) -> tuple[torch.Tensor, float, float]:
+    """``Θ`` (K, n) with ``Θ z' ≈ W z``: ``Θ (P' + λI) = W Qᵀ + λ·prior`` (float64; ``prior``
+    is the cut's own weights, where the ridge pulls). ``weight`` (K, m), ``P_cur`` = Σ z'z'ᵀ
+    (n, n), ``Q`` = Σ z'zᵀ (n, m), ``P_ref`` = Σ zzᵀ (m, m). Returns ``(Θ, error of prior,
+    error of Θ)``, each ``‖Θz' − Wz‖² / ‖Wz‖²`` over the samples."""
+    _check_square(P_cur, "P_cur")
+    _check_square(P_ref, "P_ref")
+    W, A = weight.double(), P_cur.double()
+    n, m = A.shape[0], P_ref.shape[0]
+    if Q.shape != (n, m) or W.shape[1] != m or prior.shape != (W.shape[0], n):
+        raise ValueError(f"shapes do not agree: weight {tuple(weight.shape)}, P_cur {tuple(P_cur.shape)}, Q "
+                         f"{tuple(Q.shape)}, P_ref {tuple(P_ref.shape)}, prior {tuple(prior.shape)}")
+    B = Q.double().to(W.device) @ W.T                          # Σ z' (W z)ᵀ, (n, K)
+    theta = _ridge_solve(A.to(W.device), B, ridge, prior=prior.double().to(W.device).T).T
+    return theta, across_error(prior, W, A, Q, P_ref), across_error(theta, W, A, Q, P_ref)
+
+
+def across_error(theta: torch.Tensor, weight: torch.Tensor, P_cur: torch.Tensor, Q: torch.Tensor,
+                 P_ref: torch.Tensor) -> float:
+    """``‖Θz' − Wz‖² / ‖Wz‖²`` over the samples behind the moments of :func:`refit_across`."""
+    W = weight.double()
+    T = theta.double().to(W.device)
+    A, Qd, R = (M.double().to(W.device) for M in (P_cur, Q, P_ref))
+    yy = float((W @ R * W).sum())
+    e = float((T @ A * T).sum()) - 2 * float((T @ Qd * W).sum()) + yy
+    return max(e, 0.0) / max(yy, torch.finfo(torch.float64).tiny)
+
+
+def refit_across_ref(weight: torch.Tensor, Z_cur: torch.Tensor, Z_ref: torch.Tensor, prior: torch.Tensor, *,
+                     ridge: float = DEFAULT_RIDGE) -> tuple[torch.Tensor, float, float]:
+    """Reference: least squares on the samples (N, n) and (N, m), the ridge as extra rows
+    ``√λ (Θ − prior) = 0``; the errors from the outputs themselves."""
+    Zc, W = Z_cur.double(), weight.double()
+    Y = Z_ref.double() @ W.T
+    lam = _lam(Zc.T @ Zc, ridge)
+    A = torch.cat([Zc, lam ** 0.5 * torch.eye(Zc.shape[1], dtype=torch.float64)])
+    B = torch.cat([Y, lam ** 0.5 * prior.double().T])
+    theta = torch.linalg.lstsq(A, B).solution.T
+    yy = float((Y ** 2).sum())
+    return theta, float(((Zc @ prior.double().T - Y) ** 2).sum()) / yy, float(((Zc @ theta.T - Y) ** 2).sum()) / yy

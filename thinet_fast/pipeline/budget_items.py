@@ -86,8 +86,10 @@ class Shadow:
         self.pristine = copy.deepcopy(model).to(device)  # never cut: what copy() starts from
         for name in biases:  # layers the pipeline will give a bias (budget_stats.new_biases)
             m = self.pristine.get_submodule(name)
-            if m.bias is None:
-                m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], device=device, dtype=m.weight.dtype))
+            attr = "bias" if hasattr(m, "weight") else "in_proj_bias"  # attention: its input projection's
+            w = m.weight if attr == "bias" else m.in_proj_weight
+            if getattr(m, attr) is None:
+                setattr(m, attr, nn.Parameter(torch.zeros(w.shape[0], device=device, dtype=w.dtype)))
         self.example = example.to(device)
         self._found = (tuple(ignored_layers), tuple(skip))
         self._reset()

@@ -85,6 +85,9 @@ def new_biases(model: nn.Module, items: list[Item], cfg) -> list[str]:
             u = it.source
             if get_module(model, u.consumer).bias is None and u.consumer_norm is None:
                 out.append(u.consumer)
+        elif it.kind == "group" and it.source.normalised:  # refitted after the cut: no BatchNorm takes it
+            out += [r.name for r in it.source.readers if getattr(r.module, "bias", getattr(
+                r.module, "in_proj_bias", None)) is None]
         elif it.kind == "group":
             out += [r.name for r in it.source.readers if r.module.bias is None and bias_home(r.module, it.source.graph)
                     is None]

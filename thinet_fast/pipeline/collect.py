@@ -407,6 +407,14 @@ def reduce_accumulators(accs: list[StatsAccumulator]) -> None:
             acc.load_held_patches(_all_gather_rows(acc.held_patches()))
 
 
+def reduce_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` summed across processes (in place) when torch.distributed is initialised."""
+    if world_size() > 1:
+        for t in tensors:
+            torch.distributed.all_reduce(t)
+    return tensors
+
+
 def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     dist = torch.distributed
     n = torch.tensor([x.shape[0]], device=x.device)

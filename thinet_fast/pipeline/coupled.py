@@ -6,9 +6,18 @@ earlier groups left it; the one-shot schedule decides every group from one pass 
 refits each reader once, on the channels it keeps from all the groups it reads (a
 concat's reader keeps the union). A reader's new weights are written in its full input
 space; then Torch-Pruning cuts the group (producers, followers, readers) physically.
+
+A *normalised* group (a LayerNorm over its channels, or attention reading and writing
+them: a transformer's residual stream) is selected the same way, then cut, then its
+readers are refitted on what they see after the cut, towards their output before it
+(:mod:`~thinet_fast.pipeline.towards`; the full refit whatever ``reconstruction`` is,
+except "none": a per-channel scale cannot undo a renormalisation). Such groups are taken
+one at a time under either schedule, after the one-shot pass's groups.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 
 import torch
@@ -25,6 +34,7 @@ from .decide import decide
 from .heads import run_heads
 from .keeps import block_multiple, n_keep_for, round_multiple
 from .methods import SelectContext, get_method, selection_backend
+from .towards import refit_readers
 
 __all__ = ["run_coupled", "group_statistics", "reader_unit", "bias_home"]
 
@@ -196,6 +206,18 @@ def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, t
                                       f"[{i + 1}/{len(groups)}]", _n_keep(g, cfg, device, counts)))
             _check_forward(model, example, widths, [g.name])
         return records, refused
+    later = [g for g in groups if g.normalised]
+    groups = [g for g in groups if not g.normalised]
+    records = _oneshot(model, groups, data, cfg, device, spec, timer, counts, example, widths) if groups else []
+    shapes = input_shapes(model, example) if later else None
+    for i, g in enumerate(later):
+        records.append(_one_group(model, _fresh(g, shapes), data, cfg, device, spec, timer,
+                                  f"[{i + 1}/{len(later)}]", _n_keep(g, cfg, device, counts)))
+        _check_forward(model, example, widths, [g.name])
+    return records, refused
+
+
+def _oneshot(model, groups, data, cfg, device, spec, timer, counts, example, widths) -> list[UnitRecord]:
     readers = {r.key: r for g in groups for r in g.readers}
     graph_of = {r.key: g.graph for g in groups for r in g.readers}
     with progress_bar(spec.pass_images, "statistics (groups)", cfg.progress) as bar:
@@ -220,7 +242,7 @@ def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, t
             g.prune(sorted(set(range(g.channels)) - set(kept.tolist())))
             records.append(_record(g, kept, gs, seconds, errors, notes_of, cfg))
     _check_forward(model, example, widths, [g.name for g in groups])
-    return records, refused
+    return records
 
 
 def _check_forward(model, example, widths, names) -> None:
@@ -246,6 +268,8 @@ def _one_group(model, g: ChannelGroup, data, cfg, device, spec, timer, tag: str,
                                      spec, bar=bar, timer=timer)
     t0 = time.perf_counter()
     kept, gs, _ = _select(g, stats, n_keep, dict(model.named_modules()), cfg, device)
+    if g.normalised:
+        return _normalised(model, g, kept, gs, data, cfg, device, spec, timer, tag, t0)
     drop = _dropped(g, kept)
     errors, notes_of = {}, {}
     for ln in g.links:
@@ -256,6 +280,35 @@ def _one_group(model, g: ChannelGroup, data, cfg, device, spec, timer, tag: str,
     with timer.phase("rewrite"):
         g.prune(sorted(set(range(g.channels)) - set(kept.tolist())))
     return _record(g, kept, gs, seconds, errors, notes_of, cfg)
+
+
+def _normalised(model, g: ChannelGroup, kept, gs, data, cfg, device, spec, timer, tag, t0) -> UnitRecord:
+    """Cut ``g``, then refit its readers towards the model before the cut."""
+    seconds = time.perf_counter() - t0
+    before = copy.deepcopy(model) if kept.numel() < g.channels else None
+    with timer.phase("rewrite"):
+        g.prune(sorted(set(range(g.channels)) - set(kept.tolist())))
+    errors, notes_of = {}, {}
+    recon = "none" if cfg.reconstruction == "none" else "full"
+    if before is not None:
+        names = [ln.reader.name for ln in g.links]
+        with progress_bar(spec.pass_images * len(names), f"{tag} refit {g.name}", cfg.progress) as bar, \
+                timer.phase("reconstruction"):
+            fits = refit_readers(before, model, names, lambda: iter_batches(data, spec.num_images, device),
+                                 reconstruction=recon, ridge=cfg.ridge, bias_compensation=cfg.bias_compensation,
+                                 holdout=cfg.holdout, seed=cfg.seed, bar=bar)
+        del before
+        for ln in g.links:
+            errors[ln.reader.key] = fits[ln.reader.name] + (recon,)
+            notes_of[ln.reader.key] = []
+    else:
+        for ln in g.links:
+            errors[ln.reader.key], notes_of[ln.reader.key] = (0.0, 0.0, 1.0, recon), []
+    rec = _record(g, kept, gs, seconds, errors, notes_of, cfg)
+    how = (f"LayerNorm {', '.join(g.norms)}" if g.norms else "") + \
+        ("; " if g.norms and g.attention else "") + (f"attention {', '.join(g.attention)}" if g.attention else "")
+    note = f"normalised group ({how}): readers refitted after the cut, towards their output before it"
+    return dataclasses.replace(rec, notes=(note,) + tuple(rec.notes))
 
 
 def _n_keep(g: ChannelGroup, cfg, device, counts=None) -> int:
@@ -311,7 +364,8 @@ def group_wanted(g: ChannelGroup, cfg, model) -> bool:
         return any(p in cfg.keep for p in g.producers)
     if cfg.filter_fn is not None:
         modules = dict(model.named_modules())
-        return all(cfg.filter_fn(modules[p], p) for p in g.producers if p in modules)
+        # attention whose width the group cuts is asked too: the filter may keep it whole
+        return all(cfg.filter_fn(modules[p], p) for p in g.producers + g.attention if p in modules)
     return True
 
 
