@@ -26,9 +26,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from torchvision.models.vision_transformer import VisionTransformer
-
 from . import attention
+from .modules import sync_widths
 from .ops.patches import ConsumerGeometry, UnsupportedConsumer
 from .regions import Entry, Exit, TokenExit, find_regions
 from .tp_graph import all_groups, dependency_graph, graph_name, input_shapes, members, mixing, owners, root_idxs
@@ -148,12 +147,19 @@ def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
     raise RuntimeError(f"a {type(old).__name__} of the group is not in the model it was traced on")
 
 
-def sync_widths(model: nn.Module) -> None:
-    """Attributes that repeat a width a cut changed: torchvision's ViT reshapes its
-    patches with ``hidden_dim``."""
-    for m in model.modules():
-        if isinstance(m, VisionTransformer):
-            m.hidden_dim = m.conv_proj.out_channels
+def _in_other_attention(DG) -> dict:
+    """id -> fqn of the modules inside attention other than nn.MultiheadAttention (Swin's,
+    MaxViT's), whose forward repeats the model width (cached on the graph)."""
+    found = getattr(DG, "_thinet_other_attention", None)
+    if found is None:
+        found = {}
+        names = getattr(DG, "_module2name", {})
+        for m in DG.model.modules():
+            if isinstance(m, attention.ATTENTION_TYPES) and not isinstance(m, (nn.MultiheadAttention,
+                                                                              attention.HeadPrunedAttention)):
+                found.update({id(c): names.get(c, "") for c in m.modules()})
+        DG._thinet_other_attention = found
+    return found
 
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
@@ -314,6 +320,15 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
                                         "thinet_fast does not know how it uses them")
     if C % blocks:
         raise UnsupportedGroupError(f"{C} channels do not split into {blocks} equal blocks")
+    if norms or mha:
+        inner = _in_other_attention(DG)
+        where = next((n for n, m in ((ln.reader.name, ln.reader.module) for ln in links) if id(m) in inner), None)
+        where = where or next((p for p in producers if p in inner.values()), None)
+        if where:
+            raise UnsupportedGroupError(
+                f"`{where}` is inside a window or relative-position attention module that reads and writes channels "
+                f"`{(norms or mha)[0]}` normalises; thinet_fast cuts the model width of nn.MultiheadAttention only, "
+                "so they are kept")
     if norms or mha:  # refitted after the cut from their own input and output (Linear layers only)
         other = next((ln.reader for ln in links if ln.reader.kind != "linear" or ln.reader.taps != 1), None)
         if other is not None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-__all__ = ["get_module", "set_module"]
+__all__ = ["get_module", "set_module", "sync_widths"]
 
 
 def get_module(model: nn.Module, fqn: str) -> nn.Module:
@@ -40,3 +40,13 @@ def set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
         raise KeyError(f"no module `{fqn}` in {type(model).__name__} to replace")
     # Sequential/ModuleList/ModuleDict all keep children in _modules; setattr registers there.
     setattr(parent, name, new)
+
+
+def sync_widths(model: nn.Module) -> None:
+    """Attributes that repeat a width a cut changed: torchvision's ViT reshapes its
+    patches with ``hidden_dim``."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    for m in model.modules():
+        if isinstance(m, VisionTransformer):
+            m.hidden_dim = m.conv_proj.out_channels

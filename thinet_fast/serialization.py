@@ -60,6 +60,7 @@ import torch.nn as nn
 
 from . import architecture, attention, safefile
 from .files import atomic_write, atomic_write_path, check_writable
+from .modules import sync_widths
 from .units import get_module
 
 __all__ = ["save", "load", "load_meta", "read_payload", "FORMAT", "FORMAT_VERSION", "FORMATS"]
@@ -95,8 +96,15 @@ def _spec_of(m: nn.Module) -> Optional[dict[str, Any]]:
     if t in (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d):
         os_ = m.output_size
         return {"type": t.__name__, "output_size": tuple(os_) if isinstance(os_, (tuple, list)) else os_}
+    if t is nn.LayerNorm:
+        return {"type": "LayerNorm", "normalized_shape": list(m.normalized_shape), "eps": m.eps,
+                "elementwise_affine": m.elementwise_affine, "bias": m.bias is not None,
+                "dtype": str(m.weight.dtype) if m.weight is not None else "torch.float32"}
     if isinstance(m, attention.HEAD_PRUNED_TYPES):
-        return {"type": "HeadPruned", "class": _class_name(m), "heads": attention.heads_of(m)}
+        spec = {"type": "HeadPruned", "class": _class_name(m), "heads": attention.heads_of(m)}
+        if isinstance(m, attention.HeadPrunedAttention):  # a stream cut changes its model width too
+            spec["embed_dim"] = m.embed_dim
+        return spec
     return None
 
 
@@ -123,6 +131,8 @@ def _build(spec: dict[str, Any]) -> nn.Module:
         return nn.PReLU(**s, **kw)
     if kind in ("AdaptiveAvgPool2d", "AdaptiveMaxPool2d"):
         return getattr(nn, kind)(s["output_size"])
+    if kind == "LayerNorm":
+        return nn.LayerNorm(tuple(s.pop("normalized_shape")), **s, **kw)
     raise ValueError(f"cannot rebuild a {kind} from a saved spec")
 
 
@@ -339,10 +349,34 @@ def _cut_base_heads(parent: nn.Module, name: str, cur, spec: dict, fqn: str) -> 
         raise ValueError(f"load(base=...): the saved `{fqn}` is a {spec['class']} with {spec['heads']} heads, but "
                          f"the base has {'no module there' if cur is None else 'a ' + _class_name(cur)}; "
                          "build the base with the same architecture")
+    width = spec.get("embed_dim")
+    if width is not None and site.module.embed_dim != width:  # the residual stream was cut: its width first
+        parent._modules[name] = attention.cut_width(site.module, torch.arange(width))
+        site = next(s for s in attention.find_heads(parent)[0] if s.name == name)
     new = attention.cut_first_heads(parent, site, spec["heads"])
     if _class_name(new) != spec["class"]:
         raise ValueError(f"load(base=...): base module `{fqn}` cuts to a {_class_name(new)}, the saved one is a "
                          f"{spec['class']}; build the base with the same architecture")
+
+
+def _resize_free_tensors(model: nn.Module, state: dict, spec: dict) -> None:
+    """Parameters outside the rebuilt layers that a cut narrowed in one dim (a ViT's class
+    token and position embedding, a layer scale) take the saved shape; any other
+    difference is left for load_state_dict to refuse."""
+    for key, saved in state.items():
+        fqn, _, pname = key.rpartition(".")
+        if fqn in spec:
+            continue
+        try:
+            mod = get_module(model, fqn)
+        except KeyError:
+            continue
+        cur = mod._parameters.get(pname)
+        if cur is None or cur.shape == saved.shape or cur.dim() != saved.dim() or \
+                sum(a != b for a, b in zip(cur.shape, saved.shape)) != 1:
+            continue
+        mod._parameters[pname] = nn.Parameter(torch.empty(saved.shape, dtype=cur.dtype, device="meta"),
+                                              requires_grad=cur.requires_grad)
 
 
 def _tied_groups(model: nn.Module) -> list[list[str]]:
@@ -378,6 +412,7 @@ def load(path: PathLike, map_location=None, *, base: Optional[nn.Module] = None,
         if not isinstance(base, nn.Module):
             raise TypeError(f"load: base must be an nn.Module, got {type(base).__name__}")
         model = _rebuild_base(base, payload["spec"], payload["modules"])
+        _resize_free_tensors(model, state, payload["spec"])
     elif payload.get("architecture") is not None:
         try:
             model = architecture.rebuild(payload["architecture"], payload["tensors"],
@@ -400,6 +435,8 @@ def load(path: PathLike, map_location=None, *, base: Optional[nn.Module] = None,
     if not state._metadata:
         del state._metadata
     model.load_state_dict(state, strict=True, assign=True)
+    if base is not None:
+        sync_widths(model)  # the widths a cut repeats in attributes (ViT's hidden_dim)
     for names in ties:  # assign=True makes one Parameter per key: tie them again
         first = _get_param(model, names[0])
         for other in names[1:]:

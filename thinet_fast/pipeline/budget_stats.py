@@ -34,7 +34,9 @@ def budget_items(model: nn.Module, plan: UnitPlan, cfg, example: torch.Tensor, d
         groups, _ = find_groups(model, example, ignored_layers=[get_module(model, f) for f in cfg.ignored_layers],
                                 skip={u.producer for u in plan.units})
         sites, _ = find_heads(model, cfg.ignored_layers)
-        items += (group_items([g for g in groups if group_wanted(g, cfg, model)], multiple)
+        # a normalised group (a transformer's residual stream) reaches inside attention,
+        # which the fast counts do not model yet: a budget keeps it (run_coupled says so)
+        items += (group_items([g for g in groups if group_wanted(g, cfg, model) and not g.normalised], multiple)
                   + head_items([s for s in sites if wanted(s, cfg)]))
     return [it for it in items if it.channels >= 2]  # one step: nothing to allocate
 

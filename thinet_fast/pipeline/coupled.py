@@ -195,6 +195,10 @@ def run_coupled(model: nn.Module, example, data, cfg, device, spec: StatsSpec, t
     with timer.phase("groups"):
         groups, refused = find_groups(model, example, ignored_layers=ignored_layers, skip=skip)
         groups = [g for g in groups if group_wanted(g, cfg, model)]
+    if counts is not None:  # budget_stats.budget_items leaves normalised groups out
+        refused += [(g.name, "a flops_target/params_target budget keeps a normalised group (LayerNorm or attention "
+                             "over its channels) whole; prune it with keep=") for g in groups if g.normalised]
+        groups = [g for g in groups if not g.normalised]
     if not groups:
         return [], refused
     widths = output_widths(model, example)
