@@ -210,8 +210,8 @@ def _identity(item, n: int) -> bool:
 def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> ChannelGroup:
     """How thinet_fast sees a Torch-Pruning group (``shapes``: :func:`input_shapes`).
 
-    ``strict``: refuse grouped-conv readers too (the Torch-Pruning importance, which
-    ranks channels but does not reconstruct). Raises
+    ``strict``: refuse grouped-conv readers and normalised groups too (the
+    Torch-Pruning importance, which ranks channels but does not reconstruct). Raises
     :class:`UnsupportedGroupError` naming the member it cannot express."""
     DG = getattr(group, "_DG", None)
     if DG is None:
@@ -299,15 +299,18 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
         elif isinstance(module, _CHANNELWISE):
             followers.append(name)
         elif isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and _identity(item, C) and \
-                module.normalized_shape[0] == C:
+                module.normalized_shape[0] == C and not strict:
             norms.append(name)  # renormalises the kept channels: the readers are refitted after the cut
         elif isinstance(module, _ACROSS):
+            how = " in groups" if isinstance(module, nn.GroupNorm) else \
+                " (an importance ranks them without refitting its readers)" if strict else " and others"
             raise UnsupportedGroupError(
-                f"`{name}` ({type(module).__name__}) normalises across these channels"
-                + (" and others" if isinstance(module, nn.LayerNorm) else " in groups") + ", so cutting some "
+                f"`{name}` ({type(module).__name__}) normalises across these channels{how}, so cutting some "
                 "changes the others in every sample; they are kept")
         elif isinstance(module, nn.MultiheadAttention):
-            why = attention._why_not(module) or (None if _identity(item, C) and module.embed_dim == C else
+            why = ("an importance ranks channels without refitting the readers that attention and its LayerNorms "
+                   "need" if strict else None) or attention._why_not(module) or \
+                (None if _identity(item, C) and module.embed_dim == C else
                                                  "it sees these channels mixed with others")
             if why:
                 raise UnsupportedGroupError(f"`{name}` (MultiheadAttention) reads and writes these channels, and "
