@@ -31,7 +31,8 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedW
 from .modules import set_module
 from .ops.reconstruct import channel_taps
 
-__all__ = ["HeadSite", "find_heads", "pre_projection", "cut_heads", "cut_first_heads", "cut_width", "HeadPrunedAttention",
+__all__ = ["HeadSite", "find_heads", "pre_projection", "cut_heads", "cut_first_heads", "cut_width",
+           "HeadPrunedAttention",
            "HeadPrunedWindowAttention", "HeadPrunedWindowAttentionV2", "HeadPrunedRelativeAttention",
            "HEAD_PRUNED_TYPES", "heads_of",
            "window_attention", "ATTENTION_TYPES"]

@@ -123,7 +123,7 @@ class ChannelGroup:
             return
         group = self.graph.get_pruning_group(self.root, self.root_fn, drop)
         mha = [it for it in group if isinstance(it[0].target.module, nn.MultiheadAttention)]
-        if mha:
+        if mha:  # Torch-Pruning's own MultiheadAttention cut would narrow the heads too
             group._group = [it for it in group._group if not isinstance(it[0].target.module,
                                                                         nn.MultiheadAttention)]
         group.prune()
@@ -147,17 +147,16 @@ def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
     raise RuntimeError(f"a {type(old).__name__} of the group is not in the model it was traced on")
 
 
-def _in_other_attention(DG) -> dict:
-    """id -> fqn of the modules inside attention other than nn.MultiheadAttention (Swin's,
+def _in_other_attention(DG) -> set[str]:
+    """The fqns of the modules inside attention other than nn.MultiheadAttention (Swin's,
     MaxViT's), whose forward repeats the model width (cached on the graph)."""
     found = getattr(DG, "_thinet_other_attention", None)
     if found is None:
-        found = {}
         names = getattr(DG, "_module2name", {})
-        for m in DG.model.modules():
-            if isinstance(m, attention.ATTENTION_TYPES) and not isinstance(m, (nn.MultiheadAttention,
-                                                                              attention.HeadPrunedAttention)):
-                found.update({id(c): names.get(c, "") for c in m.modules()})
+        found = {names[c] for m in DG.model.modules()
+                 if isinstance(m, attention.ATTENTION_TYPES)
+                 and not isinstance(m, (nn.MultiheadAttention, attention.HeadPrunedAttention))
+                 for c in m.modules() if c in names}
         DG._thinet_other_attention = found
     return found
 
@@ -308,10 +307,12 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
                 f"`{name}` ({type(module).__name__}) normalises across these channels{how}, so cutting some "
                 "changes the others in every sample; they are kept")
         elif isinstance(module, nn.MultiheadAttention):
-            why = ("an importance ranks channels without refitting the readers that attention and its LayerNorms "
-                   "need" if strict else None) or attention._why_not(module) or \
-                (None if _identity(item, C) and module.embed_dim == C else
-                                                 "it sees these channels mixed with others")
+            why = attention._why_not(module)
+            if strict:
+                why = ("an importance ranks channels without refitting the readers that attention and its "
+                       "LayerNorms need")
+            elif why is None and not (_identity(item, C) and module.embed_dim == C):
+                why = "it sees these channels mixed with others"
             if why:
                 raise UnsupportedGroupError(f"`{name}` (MultiheadAttention) reads and writes these channels, and "
                                             f"{why}; they are kept")
@@ -323,16 +324,14 @@ def analyse(group, shapes: Optional[dict] = None, *, strict: bool = False) -> Ch
                                         "thinet_fast does not know how it uses them")
     if C % blocks:
         raise UnsupportedGroupError(f"{C} channels do not split into {blocks} equal blocks")
-    if norms or mha:
+    if norms or mha:  # refitted after the cut from their own input and output (Linear layers only)
         inner = _in_other_attention(DG)
-        where = next((n for n, m in ((ln.reader.name, ln.reader.module) for ln in links) if id(m) in inner), None)
-        where = where or next((p for p in producers if p in inner.values()), None)
+        where = next((n for n in [ln.reader.name for ln in links] + producers if n in inner), None)
         if where:
             raise UnsupportedGroupError(
                 f"`{where}` is inside a window or relative-position attention module that reads and writes channels "
                 f"`{(norms or mha)[0]}` normalises; thinet_fast cuts the model width of nn.MultiheadAttention only, "
                 "so they are kept")
-    if norms or mha:  # refitted after the cut from their own input and output (Linear layers only)
         other = next((ln.reader for ln in links if ln.reader.kind != "linear" or ln.reader.taps != 1), None)
         if other is not None:
             raise UnsupportedGroupError(

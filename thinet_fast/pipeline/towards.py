@@ -220,14 +220,19 @@ def _moments(before, after, names, batches, holdout, seed, bar):
     return pairs, moments
 
 
-def _solve(W, acc: _Moments, prior, ridge: float, with_bias: bool) -> tuple[torch.Tensor, float, float]:
+def _solve(W, acc: _Moments, prior, ridge: float, with_bias: bool, refit: bool = True
+           ) -> tuple[torch.Tensor, float, float]:
     """The refit with its ridge chosen on the held-out fold; (Θ, error of the prior,
-    error of Θ), on the fold when there is one."""
+    error of Θ), on the fold when there is one. ``refit=False``: Θ is the prior."""
     k = None if with_bias else -1  # without a bias the student's constant feature is left out
     P, Q, R = acc.P[:k, :k], acc.Q[:k], acc.R
     hP, hQ, hR = acc.held[0][:k, :k], acc.held[1][:k], acc.held[2]
     n_held = float(acc.held[2][-1, -1])  # the constant's square summed: the held-out samples
     unknowns = P.shape[0]
+    if not refit:
+        fold = (hP, hQ, hR) if 0 < n_held < acc.samples else (P, Q, R)
+        e = across_error(prior, W, *fold)
+        return prior.double(), e, e
     if 0 < n_held < acc.samples:
         fit = [M - H for M, H in zip((P, Q, R), (hP, hQ, hR))]
         best, best_err = None, None
@@ -254,10 +259,9 @@ def _fit(name, teacher, student, accs, reconstruction, ridge, bias_compensation)
     for acc, (w, b), (ws, bs) in zip(accs, ref_parts, cur_parts):
         with_bias = bs is not None or bias_compensation  # else the constant stays out: no bias to put it in
         prior = _with_bias(ws, bs) if with_bias else ws.detach().double()
-        theta, e0, e1 = _solve(_with_bias(w, b), acc, prior, ridge, with_bias)
-        if reconstruction == "none":
-            theta, e1 = prior, e0
-        energy = float((_with_bias(w, b) @ acc.R * _with_bias(w, b)).sum())
+        Wt = _with_bias(w, b)
+        theta, e0, e1 = _solve(Wt, acc, prior, ridge, with_bias, refit=reconstruction != "none")
+        energy = float((Wt @ acc.R * Wt).sum())
         fits.append((theta, with_bias))
         errors = [errors[0] + e0 * energy, errors[1] + e1 * energy, errors[2] + energy]
     _write(student, fits, len(accs) == 1 and isinstance(student, _ATTENTION))
