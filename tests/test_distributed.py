@@ -133,3 +133,36 @@ def test_two_process_budget_over_groups_and_heads_equals_one_process(tmp_path, k
             worst = max(worst, float((got["state"][k] - v).abs().max() / v.abs().max().clamp_min(1e-12)))
     print(kind, "max relative weight difference, 2 processes vs 1:", worst, got["keep"])
     assert worst < 1e-5
+
+
+def _stream_worker(rank, world, out):
+    from test_stream import _images, _vit
+    model, x = _vit(6), _images(48, 7)
+    shard = x[rank::world]
+    res = tf.prune(model, [shard[i:i + 6] for i in range(0, len(shard), 6)], keep=0.5, coupled="prune",
+                   num_images=len(shard), progress=False, reconstruction="full", stats_dtype=torch.float64)
+    if rank == 0:
+        torch.save(res.model.state_dict(), out)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_two_process_stream_cut_equals_one_process(tmp_path):
+    """A transformer's residual stream: the selection and the refit after the cut (moments
+    of both models reduced over the ranks, the ridge chosen on the same held-out images)
+    match one process."""
+    pytest.importorskip("torch_pruning")
+    from test_stream import _images, _vit
+    out = tmp_path / "pruned.pt"
+    spawn_gloo(_stream_worker, 2, tmp_path, str(out))
+    got = torch.load(out)
+    x = _images(48, 7)
+    want = tf.prune(_vit(6), [x[i:i + 8] for i in range(0, len(x), 8)], keep=0.5, coupled="prune", num_images=48,
+                    progress=False, reconstruction="full", stats_dtype=torch.float64).model
+    assert want.hidden_dim == 16
+    worst = 0.0
+    for k, v in want.state_dict().items():
+        assert got[k].shape == v.shape, k
+        if v.is_floating_point():
+            worst = max(worst, float((got[k] - v).abs().max() / v.abs().max().clamp_min(1e-12)))
+    print("max relative weight difference, 2 processes vs 1:", worst)
+    assert worst < 1e-5
